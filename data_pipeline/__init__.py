@@ -1,0 +1,1 @@
+"""idforge.data_pipeline"""

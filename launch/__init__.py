@@ -1,0 +1,1 @@
+"""idforge.launch"""
