@@ -1,1 +1,1 @@
-"""idforge.eval"""
+"""idforge.eval: identity similarity (FS) and the benchmark tables."""

@@ -1,0 +1,32 @@
+"""``idforge train``: LightningCLI over :class:`IdentityDiffusionModule` and :class:`ShardDataModule`.
+
+    idforge train fit --config configs/train/tiny.yaml [--trainer.max_steps 100 ...]
+
+Every YAML under ``configs/train/`` maps 1:1 to the two classes' constructor arguments.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from idforge.train.data import ShardDataModule
+from idforge.train.module import IdentityDiffusionModule
+
+
+def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    return LightningCLI(IdentityDiffusionModule, ShardDataModule, args=args, run=run,
+                        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "idforge train"})
+
+
+class _ParseOnlyCLI(LightningCLI):
+    """Parses and validates a configuration without building models (no weights are loaded)."""
+
+    def instantiate_classes(self) -> None:
+        return None
+
+
+def parse_train_config(args: list[str]):
+    """Validate training arguments/YAML against the constructors; returns the parsed namespace."""
+    cli = _ParseOnlyCLI(IdentityDiffusionModule, ShardDataModule, args=args, run=False,
+                        parser_kwargs={"prog": "idforge train"})
+    return cli.config

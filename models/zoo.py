@@ -1,0 +1,316 @@
+"""Model zoo: where every component comes from, real or tiny, loaded by one code path.
+
+Each component has a *real* source (hub name or local folder) and a *tiny* twin with random
+weights. :func:`build_tiny` writes the tiny twins in their own libraries' formats (a diffusers
+folder with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` and ``model_index.json``, an
+open_clip ``local-dir`` folder, an idforge face-encoder folder) and returns a :class:`ZooSpec`
+pointing at them. The ``load_*`` functions below then load tiny and real components alike, so
+tests exercise the loading code that real runs use, without a download.
+
+Real defaults (override any field with a local path for offline machines):
+
+=================  =====================================================================
+component          real source
+=================  =====================================================================
+UNet, VAE, text    ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (subfolders), SD1.5
+CLIP image         ``hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (open_clip, 1024-d)
+face (ArcFace)     ``~/.insightface/models/antelopev2/glintr100.onnx`` (converted to torch)
+=================  =====================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+CLIP_VIT_H = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+ANTELOPEV2_ARCFACE = "~/.insightface/models/antelopev2/glintr100.onnx"
+BLIP_LARGE = "Salesforce/blip-image-captioning-large"
+
+PIXEL = "pixel"  # codec name for pixel-space diffusion (no VAE)
+
+
+@dataclass
+class ZooSpec:
+    """Sources of the generator's components.
+
+    ``base`` is a diffusers model folder or hub name with ``unet/ vae/ text_encoder/ tokenizer/
+    scheduler/`` subfolders; each per-component field overrides it with its own folder.
+    ``vae="pixel"`` selects pixel-space diffusion (no VAE).
+    """
+
+    base: str | None = SD15
+    unet: str | None = None
+    vae: str | None = None
+    text_encoder: str | None = None
+    tokenizer: str | None = None
+    scheduler: str | None = None
+    image_encoder: str = CLIP_VIT_H
+    image_tokens: str = "pooled"
+    face_encoder: str = ANTELOPEV2_ARCFACE
+
+    def source(self, component: str) -> tuple[str, str | None]:
+        """(path, subfolder) for a diffusers/transformers component."""
+        own = getattr(self, component)
+        if own:
+            return str(Path(own).expanduser()) if Path(own).expanduser().exists() else own, None
+        if not self.base:
+            raise ValueError(f"ZooSpec has neither `{component}` nor `base`: set one of them")
+        base = str(Path(self.base).expanduser()) if Path(self.base).expanduser().exists() else self.base
+        return base, component
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_unet(spec: ZooSpec, **kwargs):
+    from diffusers import UNet2DConditionModel
+
+    path, sub = spec.source("unet")
+    return UNet2DConditionModel.from_pretrained(path, subfolder=sub, **kwargs)
+
+
+def load_codec(spec: ZooSpec):
+    from .codec import PixelCodec, VaeCodec
+
+    if spec.vae == PIXEL:
+        return PixelCodec()
+    from diffusers import AutoencoderKL
+
+    path, sub = spec.source("vae")
+    return VaeCodec(AutoencoderKL.from_pretrained(path, subfolder=sub))
+
+
+def load_text_encoder(spec: ZooSpec):
+    from transformers import CLIPTextModel
+
+    path, sub = spec.source("text_encoder")
+    model = CLIPTextModel.from_pretrained(path, subfolder=sub) if sub else CLIPTextModel.from_pretrained(path)
+    return model
+
+
+def load_tokenizer(spec: ZooSpec):
+    from transformers import CLIPTokenizer
+
+    path, sub = spec.source("tokenizer")
+    return CLIPTokenizer.from_pretrained(path, subfolder=sub) if sub else CLIPTokenizer.from_pretrained(path)
+
+
+def load_scheduler(spec: ZooSpec):
+    from diffusers import DDPMScheduler
+
+    path, sub = spec.source("scheduler")
+    return DDPMScheduler.from_pretrained(path, subfolder=sub)
+
+
+def load_image_encoder(spec: ZooSpec):
+    from .image_encoder import ClipImageEncoder
+
+    return ClipImageEncoder.from_pretrained(spec.image_encoder, tokens=spec.image_tokens)
+
+
+def load_face_encoder(spec: ZooSpec):
+    from .face_encoder import FaceEncoder
+
+    return FaceEncoder.from_pretrained(str(Path(spec.face_encoder).expanduser()))
+
+
+@dataclass
+class TinyConfig:
+    """Sizes of the tiny random-weight zoo (a few hundred thousand parameters per component)."""
+
+    resolution: int = 32
+    codec: str = "vae"  # "vae" (tiny AutoencoderKL, 2x downsampling) or "pixel"
+    unet_channels: tuple[int, ...] = (32, 64)
+    unet_layers_per_block: int = 1
+    unet_attention: tuple[bool, ...] | None = None
+    """Cross-attention per UNet level (None: every level); dropping it at the full-resolution level
+    makes CPU training several times faster."""
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 32
+    text_hidden: int = 32
+    text_layers: int = 2
+    clip_width: int = 32
+    clip_embed_dim: int = 32
+    face_widths: tuple[int, ...] = (8, 16, 32, 64)
+    face_layers: tuple[int, ...] = (1, 1, 1, 1)
+    beta_schedule: str = "scaled_linear"
+    seed: int = 0
+    words: list[str] | None = field(default=None)
+
+    def __post_init__(self):
+        if self.codec not in ("vae", PIXEL):
+            raise ValueError(f"TinyConfig.codec must be 'vae' or 'pixel', got {self.codec!r}")
+        if self.resolution % (2 ** (len(self.unet_channels) - 1) * (2 if self.codec == "vae" else 1)):
+            raise ValueError(f"resolution {self.resolution} is not divisible by the UNet/VAE downsampling")
+
+
+def _tiny_unet(cfg: TinyConfig, in_channels: int, sample_size: int):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    attn = tuple(cfg.unet_attention) if cfg.unet_attention is not None else (True,) * n
+    if len(attn) != n:
+        raise ValueError(f"unet_attention has {len(attn)} entries for {n} UNet levels")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=in_channels,
+        block_out_channels=tuple(cfg.unet_channels),
+        layers_per_block=cfg.unet_layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=cfg.cross_attention_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(8, cfg.unet_channels[0]),
+    )
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    )
+
+
+def _write_tokenizer_and_text_encoder(cfg: TinyConfig, folder: Path) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from .tiny_tokenizer import DEFAULT_WORDS, build_clip_bpe
+
+    vocab, merges = build_clip_bpe(cfg.words or DEFAULT_WORDS)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
+                              model_max_length=77)
+    tokenizer.save_pretrained(tok_dir)
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=cfg.text_hidden,
+        intermediate_size=cfg.text_hidden * 2,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=cfg.text_hidden,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    CLIPTextModel(text_cfg).save_pretrained(folder / "text_encoder")
+
+
+def _write_open_clip(cfg: TinyConfig, folder: Path, image_size: int) -> None:
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = {
+        "embed_dim": cfg.clip_embed_dim,
+        "vision_cfg": {"image_size": image_size, "layers": 2, "width": cfg.clip_width, "patch_size": 8,
+                       "head_width": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": cfg.clip_width, "heads": 2,
+                     "layers": 1},
+    }
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
+    }, indent=2))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+
+
+def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
+    """Write every component with random weights under ``folder`` and return the spec that loads them."""
+    from diffusers import DDPMScheduler
+
+    from .face_encoder import FaceEncoder
+    from .iresnet import IResNet, IResNetConfig
+
+    cfg = config or TinyConfig()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    pixel = cfg.codec == PIXEL
+    in_ch = 3 if pixel else 4
+    sample = cfg.resolution if pixel else cfg.resolution // 2
+    _tiny_unet(cfg, in_ch, sample).save_pretrained(folder / "unet")
+    if not pixel:
+        _tiny_vae().save_pretrained(folder / "vae")
+    _write_tokenizer_and_text_encoder(cfg, folder)
+    DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=0.00085,
+                  beta_end=0.012, prediction_type="epsilon", clip_sample=False).save_pretrained(folder / "scheduler")
+    _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
+    face = IResNet(IResNetConfig(layers=tuple(cfg.face_layers), widths=tuple(cfg.face_widths)))
+    FaceEncoder(face).save_pretrained(folder / "face_encoder")
+    if not pixel:
+        import diffusers
+
+        (folder / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+        }, indent=2))
+    spec = ZooSpec(
+        base=str(folder),
+        vae=PIXEL if pixel else None,
+        image_encoder=f"local-dir:{folder / 'clip_image_encoder'}",
+        face_encoder=str(folder / "face_encoder"),
+    )
+    (folder / "zoo_spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    log.info("wrote tiny zoo to %s", folder)
+    return spec
+
+
+TINY_PREFIX = "tiny"
+
+
+def resolve(spec: ZooSpec) -> ZooSpec:
+    """Resolve ``base="tiny"`` / ``"tiny-pixel"`` / ``"tiny:/folder"`` to a built tiny zoo.
+
+    Tiny twins of real configs name the zoo this way; it is built once (random weights, seconds)
+    under ``$IDFORGE_CACHE`` (default ``~/.cache/idforge``) or the given folder, then loaded from
+    disk like any real component.
+    """
+    import os
+
+    base = spec.base or ""
+    if not (base == TINY_PREFIX or base.startswith(TINY_PREFIX + "-") or base.startswith(TINY_PREFIX + ":")):
+        return spec
+    name, _, folder = base.partition(":")
+    codec = PIXEL if name == f"{TINY_PREFIX}-{PIXEL}" else "vae"
+    if name not in (TINY_PREFIX, f"{TINY_PREFIX}-{PIXEL}"):
+        raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny', 'tiny-pixel' or 'tiny:/folder'")
+    root = Path(folder) if folder else Path(os.environ.get("IDFORGE_CACHE", "~/.cache/idforge")).expanduser() / name
+    marker = root / "zoo_spec.json"
+    if marker.is_file():
+        built = ZooSpec(**json.loads(marker.read_text()))
+    else:
+        built = build_tiny(root, TinyConfig(codec=codec))
+    return ZooSpec(**{**built.to_dict(), "image_tokens": spec.image_tokens})
