@@ -62,6 +62,8 @@ class IdentityDiffusionModule(L.LightningModule):
                                    "id_drop_prob": id_drop_prob, "text_drop_prob": text_drop_prob})
         self.generator_config = generator
         self.model = IdentityGenerator.from_config(generator)
+        if identity_loss is not None and identity_loss.latent_scale is None:
+            identity_loss.latent_scale = self.model.codec.downsample
         self.identity_loss = IdentityLoss(self.model.face_encoder, identity_loss) if identity_loss else None
         self.optimizer_factory = optimizer
         self.id_drop_prob = id_drop_prob
