@@ -124,7 +124,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     zoo = build_tiny(out / "zoo", TinyConfig(resolution=cfg.resolution, codec="pixel", seed=cfg.seed,
                                              beta_schedule="squaredcos_cap_v2", **cfg.tiny))
     encoder.save_pretrained(out / "zoo" / "face_encoder")
-    manifest = curate_demo_shards(out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution, cfg.crop_scale)
+    manifest = curate_demo_shards(out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution,
+                                  cfg.crop_scale)
     clock.done("curate", f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "
                          f"rejected {manifest['rejected']}")
 
@@ -133,7 +134,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, default_root_dir=str(out))
-    trainer.fit(module, train_dataloaders=shard_loader(out / "shards", synth, cfg))
+    trainer.fit(module, train_dataloaders=shard_loader(out / "shards", cfg.resolution, cfg.batch_size, cfg.seed))
     clock.done("train generator", f"{cfg.steps} steps, batch {cfg.batch_size}, "
                                   f"final loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}")
 
@@ -141,7 +142,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     model, _ = load_exported(export_dir)
     clock.done("export", str(export_dir))
 
-    groups = heldout_groups(out / "shards", synth)
+    groups = heldout_groups(out / "shards", cfg.resolution)
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
     figures, images = identity_benchmark(model, groups, model.face_encoder,
                                          SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed),

@@ -1,0 +1,112 @@
+"""Curation sources: each yields :class:`SourceItem`s (a key, lazily read bytes, and metadata).
+
+Supported inputs (chosen by :func:`open_source` from the path):
+
+- an image folder (recursive); with ``person_folders`` the first sub-folder names the person;
+  a ``landmarks.jsonl`` beside the images (SynthID's, or FFHQ-style records converted to it) supplies
+  landmarks, boxes, captions, identities and attributes per file;
+- a ``.tar`` file of images (member names with ``..`` or absolute paths are rejected as
+  ``unsafe_path``, never extracted);
+- a folder or glob of webdataset shards written by ``idforge curate`` (re-curation).
+
+Listing is sorted, so the work-unit split is deterministic across runs and workers.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+SIDECAR = "landmarks.jsonl"
+
+
+@dataclass
+class SourceItem:
+    key: str  # unique, stable name of the input file (relative path or tar::member)
+    read: Callable[[], bytes]
+    meta: dict = field(default_factory=dict)  # landmarks, box, caption, identity, person, split, attributes
+    reject: str | None = None  # a reason known before decoding (e.g. unsafe_path)
+
+
+def _load_sidecar(root: Path) -> dict[str, dict]:
+    path = root / SIDECAR
+    if not path.is_file():
+        return {}
+    records = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            records[rec["file"]] = rec
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{path}:{n}: not a landmarks record with a 'file' field ({exc})") from exc
+    return records
+
+
+def _unsafe(name: str) -> bool:
+    p = PurePosixPath(name)
+    return p.is_absolute() or ".." in p.parts
+
+
+def iter_folder(root: Path, person_folders: bool = False) -> Iterator[SourceItem]:
+    sidecar = _load_sidecar(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != SIDECAR
+                   and not p.name.endswith(".tmp") and p.suffix.lower() not in {".json", ".jsonl", ".txt"})
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path.suffix.lower() == ".tar":
+            yield from iter_tar(path, prefix=rel)
+            continue
+        meta = dict(sidecar.get(rel, {}))
+        if person_folders and len(PurePosixPath(rel).parts) > 1:
+            meta.setdefault("person", PurePosixPath(rel).parts[0])
+        yield SourceItem(key=rel, read=path.read_bytes, meta=meta)
+
+
+def iter_tar(path: Path, prefix: str | None = None) -> Iterator[SourceItem]:
+    prefix = prefix or path.name
+    try:
+        with tarfile.open(path) as tar:
+            members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
+            for m in members:
+                key = f"{prefix}::{m.name}"
+                if _unsafe(m.name):
+                    yield SourceItem(key=key, read=lambda: b"", reject="unsafe_path")
+                    continue
+                data = tar.extractfile(m).read()
+                yield SourceItem(key=key, read=lambda d=data: d)
+    except tarfile.TarError:
+        yield SourceItem(key=prefix, read=lambda: b"", reject="bad_archive")
+
+
+def iter_shards(paths: list[Path]) -> Iterator[SourceItem]:
+    """Re-read images (with their stored metadata) from idforge shards."""
+    import webdataset as wds
+
+    for url in paths:
+        for sample in wds.WebDataset(str(url), shardshuffle=False, empty_check=False):
+            meta = json.loads(sample["meta.json"])
+            for i, rec in enumerate(meta["images"]):
+                ext = f"{i:03d}.jpg"
+                yield SourceItem(key=f"{Path(url).name}::{sample['__key__']}/{ext}",
+                                 read=lambda d=sample[ext]: d,
+                                 meta={**rec, "identity": meta.get("identity")})
+
+
+def open_source(path: str | Path, person_folders: bool = False) -> list[SourceItem]:
+    """All items of an input path, sorted by key."""
+    p = Path(path).expanduser()
+    if p.is_file() and p.suffix == ".tar":
+        items = list(iter_tar(p))
+    elif p.is_dir() and list(p.glob("*.tar")) and (p / "manifest.json").is_file():
+        items = list(iter_shards(sorted(p.glob("*.tar"))))
+    elif p.is_dir():
+        items = list(iter_folder(p, person_folders))
+    else:
+        raise FileNotFoundError(f"curation input {p} is neither a folder, a .tar file, nor a shard folder")
+    return sorted(items, key=lambda it: it.key)

@@ -1,0 +1,48 @@
+"""Data plumbing of the demo: curate SynthID into shards, stream the train split, load held-out groups."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
+from idforge.eval.benchmark import IdentityGroup
+
+
+def curate_demo_shards(synthid_dir: Path, shards_dir: Path, face_encoder: str, resolution: int,
+                       crop_scale: float) -> dict:
+    cfg = CurateConfig(input=str(synthid_dir), output=str(shards_dir), detector="landmarks", embedder=face_encoder,
+                       resolution=resolution, crop_scale=crop_scale, unit_size=512,
+                       filters=FilterConfig(min_resolution=32, min_face_px=8))
+    manifest = run_curation(cfg)
+    if manifest is None:  # single worker: every unit is ours
+        raise RuntimeError(f"curation of {synthid_dir} did not finalize")
+    return manifest
+
+
+def shard_loader(shards_dir: Path, resolution: int, batch_size: int, seed: int) -> DataLoader:
+    urls = sorted(str(p) for p in Path(shards_dir).glob("train-*.tar"))
+    ds = make_identity_dataset(urls, mode="single", resolution=resolution, shuffle_buffer=512, seed=seed)
+    return DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_identity_samples)
+
+
+def heldout_groups(shards_dir: Path, resolution: int) -> list[IdentityGroup]:
+    urls = sorted(str(p) for p in Path(shards_dir).glob("heldout-*.tar"))
+    return load_groups(urls, resolution)
+
+
+def load_groups(urls: list[str], resolution: int, max_identities: int | None = None) -> list[IdentityGroup]:
+    """Identity groups (>= 2 photos each) from shards, in shard order."""
+    ds = make_identity_dataset(urls, mode="single", resolution=resolution, shuffle_buffer=0, repeat=False)
+    photos: dict[str, list[dict]] = defaultdict(list)
+    for item in ds:
+        photos[item["identity"]].append(item)
+    groups = [IdentityGroup(identity=k, images=torch.stack([p["image"] for p in v]),
+                            landmarks=torch.stack([p["landmarks"] for p in v]), captions=[p["caption"] for p in v])
+              for k, v in photos.items() if len(v) >= 2]
+    return groups[:max_identities] if max_identities else groups
