@@ -107,8 +107,9 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
     items = items if items is not None else open_source(cfg.input, cfg.person_folders)
     span = _units(len(items), cfg.unit_size)[unit]
     detector, embedder = _tools(cfg)
+    for stale in root.glob(f".unit-{unit:06d}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".unit-{unit:06d}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     accepted, rejects, crops112 = [], {}, []
     for i in span:

@@ -230,7 +230,7 @@ class SynthID:
         tip = (yaw * 0.45, eye_y + p.nose_length)
         poly([[shift, eye_y + 0.08], [tip[0] + p.nose_width, tip[1]], [tip[0] - p.nose_width, tip[1]]], skin * 0.78)
         # mouth
-        my = tip[1] + 0.22 + 0.05 * a
+        my = tip[1] + 0.45 + 0.05 * a  # eye-mouth / eye-eye ~ 1.16 on average, as in the ArcFace template
         half_w = p.mouth_width / 2
         lift = 0.08 if expression == "smiling" else 0.0
         corners = [(shift - half_w, my - lift), (shift + half_w, my - lift)]
@@ -251,13 +251,13 @@ class SynthID:
         arr = np.asarray(img, dtype=np.float32)
         arr = self._lighting(rng, arr, light, big)
         small = Image.fromarray(arr.clip(0, 255).astype(np.uint8)).resize((res, res), Image.LANCZOS)
-        # landmarks: pixel-centre convention (a supersampled pixel k covers [k, k+1) of the big grid)
+        # landmarks in pixel-centre coordinates of the output image
         lm_big = to_img([eyes[0], eyes[1], tip, corners[0], corners[1]])
-        lms = ((lm_big + 0.5) / _SS - 0.5).astype(np.float32)
+        lms = (lm_big / _SS - 0.5).astype(np.float32)  # PIL coordinates are pixel corners
         if lms[0, 0] > lms[1, 0]:  # keep image-left first (large roll could swap them)
             lms[[0, 1]] = lms[[1, 0]]
             lms[[3, 4]] = lms[[4, 3]]
-        outline = (to_img(face) + 0.5) / _SS - 0.5
+        outline = to_img(face) / _SS - 0.5
         box = (float(outline[:, 0].min()), float(outline[:, 1].min()), float(outline[:, 0].max()),
                float(outline[:, 1].max()))
         attrs = self._attributes(p, expression, light, bg_kind, bg_name)

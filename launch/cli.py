@@ -119,8 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Keep the command's output to idforge's own report (use -v for the libraries' logs)."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", module=r"lightning\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-v" not in argv and "--verbose" not in argv:
+        _quiet_libraries()
     if argv and argv[0] == "train":
         from .train_cmd import run_train
 

@@ -1,0 +1,77 @@
+"""The `idforge` command end to end: demo, curate, train (LightningCLI), export, generate, eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from idforge.launch.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_help_lists_the_subcommands():
+    text = build_parser().format_help()
+    for cmd in ("demo", "curate", "train", "export", "generate", "eval"):
+        assert cmd in text
+
+
+def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
+    fig = json.loads((demo_out / "demo.json").read_text())
+    for key in ("fs_adapter", "fs_text_only", "fs_same_identity", "fs_different", "steps", "seconds"):
+        assert key in fig
+    assert -1 <= fig["fs_adapter"] <= 1 and fig["steps"] == 4
+    assert fig["fs_same_identity"] > fig["fs_different"]  # the trained face encoder separates people
+    assert (demo_out / "demo_grid.png").stat().st_size > 0
+    manifest = json.loads((demo_out / "shards" / "manifest.json").read_text())
+    assert manifest["files_seen"] == manifest["images_accepted"] + sum(manifest["rejected"].values())
+    assert (demo_out / "export" / "idforge.json").is_file()
+
+
+def test_curate_command_prints_a_summary(demo_out, tmp_path, capsys):
+    assert main(["curate", "--input", str(demo_out / "synthid"), "--output", str(tmp_path / "c"),
+                 "--resolution", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "files seen" in out and "images accepted" in out
+    assert (tmp_path / "c" / "manifest.json").is_file()
+
+
+def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "run"
+    main(["train", "fit", "--config", str(ROOT / "configs" / "train" / "tiny.yaml"),
+          f"--data.train_shards={demo_out / 'shards'}/train-*.tar", "--trainer.max_steps=2",
+          f"--trainer.default_root_dir={root}", "--trainer.enable_checkpointing=true",
+          "--trainer.enable_progress_bar=false"])
+    ckpts = sorted(root.rglob("*.ckpt"))
+    assert ckpts, "training wrote no checkpoint"
+    assert main(["export", "--checkpoint", str(ckpts[-1]), "--out", str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / "model_index.json").is_file()
+
+    ref = sorted((demo_out / "synthid").rglob("*.png"))[0]
+    lms = json.loads((demo_out / "synthid" / "landmarks.jsonl").read_text().splitlines()[0])["landmarks"]
+    assert main(["generate", "--model", str(tmp_path / "model"), "--reference", str(ref),
+                 "--landmarks", json.dumps(lms), "--prompt", "a photo of a person", "--prompt", "a face",
+                 "--steps", "2", "--out", str(tmp_path / "gen")]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 2
+
+    capsys.readouterr()
+    assert main(["eval", "--model", str(tmp_path / "model"), "--shards", f"{demo_out / 'shards'}/heldout-*.tar",
+                 "--steps", "2", "--out", str(tmp_path / "fig.json")]) == 0
+    fig = json.loads((tmp_path / "fig.json").read_text())
+    assert {"fs_adapter", "fs_text_only", "fs_same_identity", "fs_different"} <= set(fig)
+
+
+def test_generate_reports_a_missing_reference(demo_out, tmp_path):
+    with pytest.raises(FileNotFoundError, match="reference image"):
+        main(["generate", "--model", str(demo_out / "export"), "--reference", str(tmp_path / "nope.png"),
+              "--prompt", "x", "--out", str(tmp_path)])
