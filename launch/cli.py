@@ -2,6 +2,7 @@
 
     idforge demo      [--out DIR] [--quick]          whole flow on SynthID + tiny models (CPU, offline)
     idforge curate    --input PATH --output DIR      raw photos -> identity-grouped webdataset shards
+    idforge caption-finetune --model BLIP --data JSONL --out DIR   BLIP fine-tuned on attribute captions
     idforge train     fit --config YAML              LightningCLI (fit / validate / test)
     idforge export    --checkpoint CKPT --out DIR    Lightning checkpoint -> self-contained folder
     idforge generate  --model DIR --reference IMG    images of the reference's identity
@@ -27,6 +28,8 @@ def _demo(args) -> int:
         cfg.seed = args.seed
     if args.steps is not None:
         cfg.steps = args.steps
+    if args.identity_loss is not None:
+        cfg.identity_loss = args.identity_loss
     print(f"idforge demo -> {args.out}  ({'quick' if args.quick else 'full'} run, CPU, offline)", flush=True)
     fig = run_demo(args.out, cfg, report=lambda m: print(m, flush=True))
     print()
@@ -40,6 +43,16 @@ def _curate(args) -> int:
     from .curate_cmd import run_curate_command
 
     return run_curate_command(args)
+
+
+def _caption_finetune(args) -> int:
+    from idforge.data_pipeline.caption_finetune import run_from_args
+
+    out, history = run_from_args(args)
+    losses = history.get("loss") or []
+    tail = f", final loss {losses[-1]:.4f}" if losses else ""
+    print(f"fine-tuned captioner written to {out}{tail}; use it with caption backend 'blip' and model={out}")
+    return 0
 
 
 def _export(args) -> int:
@@ -77,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests and smoke checks)")
     d.add_argument("--seed", type=int, default=None)
     d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 300, quick: 4)")
+    d.add_argument("--identity-loss", type=float, default=None, metavar="LAMBDA",
+                   help="train with the time-weighted ArcFace identity loss at this weight (default: off)")
     d.set_defaults(func=_demo)
 
     c = sub.add_parser("curate", help="curate raw photos into identity-grouped webdataset shards")
@@ -84,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_curate_arguments(c)
     c.set_defaults(func=_curate)
+
+    f = sub.add_parser("caption-finetune", help="fine-tune BLIP on attribute captions (Diff-ID's captioner)")
+    from idforge.data_pipeline.caption_finetune import add_arguments
+
+    add_arguments(f)
+    f.set_defaults(func=_caption_finetune)
 
     sub.add_parser("train", help="LightningCLI: idforge train fit --config configs/train/tiny.yaml",
                    add_help=False)

@@ -32,13 +32,17 @@ class DemoConfig:
     render_resolution: int = 64
     resolution: int = 32
     crop_scale: float = 0.8
-    face_widths: tuple[int, ...] = (16, 32, 64, 128)
-    face_epochs: int = 10
+    face_widths: tuple[int, ...] = (8, 16, 32, 64)
+    face_epochs: int = 5
     face_batch_size: int = 64
     steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
-    variant: str = "final"
+    adapter: dict = field(default_factory=lambda: {"variant": "final", "input_layernorm": True,
+                                                   "normalize_by_length": True})
+    prediction_type: str = "sample"
+    identity_loss: float = 0.0
+    """lambda_id of the time-weighted identity loss (0: off)."""
     sampling_steps: int = 25
     seed: int = 0
     tiny: dict = field(default_factory=lambda: {"unet_channels": (32, 64, 64), "unet_attention": (False, True, True),
@@ -47,8 +51,7 @@ class DemoConfig:
     @classmethod
     def quick(cls) -> DemoConfig:
         """A shorter run for tests: the same stages, small sizes."""
-        return cls(num_identities=12, heldout_identities=4, images_per_identity=4, face_widths=(8, 16, 32, 64),
-                   face_epochs=1, steps=4, batch_size=8, sampling_steps=3,
+        return cls(num_identities=12, heldout_identities=4, images_per_identity=4, face_epochs=1, steps=4, batch_size=8, sampling_steps=3,
                    tiny={"unet_channels": (16, 32), "unet_attention": (False, True), "cross_attention_dim": 32,
                          "text_hidden": 32})
 
@@ -91,6 +94,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     from idforge.inference.sampling import SamplingConfig
     from idforge.models.generator import GeneratorConfig
     from idforge.models.iresnet import IResNetConfig
+    from idforge.models.losses import IdentityLossConfig
     from idforge.models.zoo import TinyConfig, build_tiny
     from idforge.train.face_encoder import fit_face_encoder, verification_scores
     from idforge.train.module import IdentityDiffusionModule
@@ -122,15 +126,17 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
                                f"different-person cos {ver['diff_mean']:.3f}")
 
     zoo = build_tiny(out / "zoo", TinyConfig(resolution=cfg.resolution, codec="pixel", seed=cfg.seed,
-                                             beta_schedule="squaredcos_cap_v2", **cfg.tiny))
+                                             beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
+                                             **cfg.tiny))
     encoder.save_pretrained(out / "zoo" / "face_encoder")
     manifest = curate_demo_shards(out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution,
                                   cfg.crop_scale)
     clock.done("curate", f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "
                          f"rejected {manifest['rejected']}")
 
-    module = IdentityDiffusionModule(GeneratorConfig(zoo=zoo, adapter={"variant": cfg.variant}, train_unet=True),
-                                     optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr))
+    id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
+    module = IdentityDiffusionModule(GeneratorConfig(zoo=zoo, adapter=dict(cfg.adapter), train_unet=True),
+                                     identity_loss=id_loss, optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr))
     trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         gradient_clip_val=1.0, default_root_dir=str(out))

@@ -191,7 +191,7 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     missing = expected - set(state)
     if missing:
         raise ValueError(f"{path}: could not find weights for {sorted(missing)[:5]}")
-    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).float() for k, v in state.items()}
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in state.items()}
     model.load_state_dict(tensors, strict=False)
     model.eval()
     eps = {bn["eps"] for bn in tail_bns}

@@ -142,6 +142,7 @@ class TinyConfig:
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
     face_layers: tuple[int, ...] = (1, 1, 1, 1)
     beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
     seed: int = 0
     words: list[str] | None = field(default=None)
 
@@ -257,7 +258,7 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
         _tiny_vae().save_pretrained(folder / "vae")
     _write_tokenizer_and_text_encoder(cfg, folder)
     DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=0.00085,
-                  beta_end=0.012, prediction_type="epsilon", clip_sample=False).save_pretrained(folder / "scheduler")
+                  beta_end=0.012, prediction_type=cfg.prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
     _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
     face = IResNet(IResNetConfig(layers=tuple(cfg.face_layers), widths=tuple(cfg.face_widths)))
     FaceEncoder(face).save_pretrained(folder / "face_encoder")
