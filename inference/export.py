@@ -23,16 +23,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from idforge import __version__
 from idforge.models import zoo as zoo_lib
+from idforge.models.attention import PROCESSOR_WEIGHTS as PROCESSORS
+from idforge.models.attention import load_identity_processors, save_identity_processors
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "idforge.json"
-PROCESSORS = "identity_processors.safetensors"
 
 
 def _split_processor_weights(unet) -> tuple[dict, dict]:
@@ -59,7 +59,7 @@ def export_generator(model: IdentityGenerator, out: str | Path, resolution: int,
         model.unet.save_pretrained(out / "unet")
     model.adapter.save_pretrained(out / "adapter")
     if procs:
-        save_file(procs, out / "adapter" / PROCESSORS)
+        save_identity_processors(model.unet, out / "adapter")
     has_vae = hasattr(model.codec, "vae")
     if has_vae:
         model.codec.vae.save_pretrained(out / "vae")
@@ -109,9 +109,6 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
                            face_encoder=str(folder / "face_encoder"))
     model = IdentityGenerator.from_config(GeneratorConfig(zoo=spec, adapter_path=str(folder / "adapter"),
                                                           train_unet=False))
-    procs = folder / "adapter" / PROCESSORS
-    if procs.is_file():
-        missing = model.unet.load_state_dict(load_file(procs), strict=False)
-        if missing.unexpected_keys:
-            raise RuntimeError(f"{procs}: keys not in the UNet: {missing.unexpected_keys[:5]}")
+    if (folder / "adapter" / PROCESSORS).is_file():
+        load_identity_processors(model.unet, folder / "adapter")  # strict: keys must match the layout
     return model.to(device).eval(), manifest

@@ -1,23 +1,31 @@
-"""Diffusion targets and Diff-ID's exponentially time-weighted ArcFace identity loss.
+"""Diffusion targets, x0 prediction, and Diff-ID's exponentially time-weighted ArcFace identity loss.
 
-Diff-ID (paper 004) sec. 3.3 and appendix A.1.4:
+Diff-ID (paper 004) sec. 3.3, eq. (2)-(3), appendix A.1.4, eq. (16)-(21):
 
-    x0_hat     = decode( (z_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t) )   (epsilon prediction)
-    L_identity = 1 - cos( ArcFace(x_original), ArcFace(x0_hat) )
-    W_t        = exp(-k t / T)                                                   k = 5
-    L_total    = L_denoise + lambda_id * E[ W_t * L_identity ]                   lambda_id = 0.1
+    z_t        = sqrt(abar_t) z_0 + sqrt(1 - abar_t) eps                      (17)
+    L_denoise  = E || eps - eps_theta(z_t, t) ||^2                             (16)
+    x0_hat     = decode( (z_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t) )   (SPEC.md sec. 2)
+    L_identity = 1 - cos( ArcFace(x_original), ArcFace(x0_hat) )               (2), (18)
+    W_t        = exp(-k t / T)                              k = 5              (19)
+    L_total    = L_denoise + lambda_id * E[ W_t * L_identity ]  lambda_id = 0.1   (3), (20)-(21)
 
-x0_hat is also formed for v-prediction (x0 = sqrt(abar) z_t - sqrt(1 - abar) v) and x0-prediction.
-The face in x0_hat is aligned with the sample's stored 5 landmarks by a differentiable warp
-(:mod:`idforge.models.align_torch`), so gradients reach the UNet and the adapter through the frozen
-VAE decoder and ArcFace. Cost knobs (SPEC.md sec. 2): only timesteps below ``max_timestep``, only a
-``batch_fraction`` of the samples, decoding only a ``face_window`` of latents around the face box
-(a 32 x 32 latent window -> 256 px instead of the whole 64 x 64 latent), and gradient checkpointing
-of the decoder. Skipped samples contribute zero to the batch mean.
+x0_hat is also formed for v-prediction (x0 = sqrt(abar) z_t - sqrt(1 - abar) v, Salimans & Ho
+2022) and for x0 ("sample") prediction. The face in the decoded x0_hat is aligned with the sample's
+stored 5 landmarks by a differentiable similarity warp (:mod:`idforge.models.align_torch`), so
+gradients reach the UNet and the adapter through the frozen VAE decoder and the frozen ArcFace.
+
+Cost knobs (SPEC.md sec. 2), all off by default:
+- ``max_timestep``: only samples with t < max_timestep (W_t is small above it anyway);
+- ``batch_fraction``: only ceil(fraction x B) of the samples (chosen at random among the eligible);
+- ``face_window``: decode only a face_window x face_window latent window centred on the face box
+  (clamped to the latent): for SD1.5 at 512 px, a 32 x 32 window decodes 256 px instead of 512;
+- ``checkpoint_decoder``: recompute the decoder in the backward pass instead of storing activations.
+Skipped samples contribute zero: ``loss`` is lambda x (sum over used samples of W_t L_id) / B.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,148 +37,247 @@ from torch.utils.checkpoint import checkpoint
 
 from .align_torch import warp_to_template
 
+log = logging.getLogger(__name__)
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def timestep_weight(t: torch.Tensor, num_train_timesteps: int = 1000, k: float = 5.0) -> torch.Tensor:
-    """W_t = exp(-k t / T) (Diff-ID sec. 3.3): 1 at t = 0, exp(-k) at t = T."""
+    """W_t = exp(-k t / T), Diff-ID eq. (19): 1 at t = 0, exp(-k) at t = T, decreasing in t."""
     return torch.exp(-k * t.float() / num_train_timesteps)
 
 
 def _abar(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, ndim: int) -> torch.Tensor:
-    a = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    """abar_t per sample, shaped (B, 1, ..., 1) to broadcast over a sample of ``ndim`` dims."""
+    a = alphas_cumprod.to(timesteps.device)[timesteps.long()].float()
     return a.view(-1, *([1] * (ndim - 1)))
 
 
-def predict_x0(model_output: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor,
-               alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """Predicted clean sample from the network output, for each scheduler prediction type."""
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type must be one of {PREDICTION_TYPES} (the scheduler's "
+            f"config.prediction_type), got {prediction_type!r}"
+        )
+
+
+def predict_x0(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """Predicted clean sample from the network output at z_t = ``sample``, per prediction type.
+
+    epsilon: x0 = (z_t - sqrt(1 - abar) eps) / sqrt(abar);  v_prediction: x0 = sqrt(abar) z_t -
+    sqrt(1 - abar) v;  sample: x0 = the output.
+    """
+    _check_prediction_type(prediction_type)
+    if prediction_type == "sample":
+        return model_output
     a = _abar(alphas_cumprod, timesteps, sample.dim())
     if prediction_type == "epsilon":
         return (sample - (1 - a).sqrt() * model_output) / a.sqrt()
-    if prediction_type == "v_prediction":
-        return a.sqrt() * sample - (1 - a).sqrt() * model_output
-    if prediction_type == "sample":
-        return model_output
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    return a.sqrt() * sample - (1 - a).sqrt() * model_output
 
 
-def diffusion_target(noise: torch.Tensor, sample: torch.Tensor, timesteps: torch.Tensor,
-                     alphas_cumprod: torch.Tensor, prediction_type: str) -> torch.Tensor:
-    """The regression target: eps, v = sqrt(abar) eps - sqrt(1 - abar) x0, or x0."""
+def diffusion_target(
+    noise: torch.Tensor,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: str,
+) -> torch.Tensor:
+    """The regression target for clean ``sample`` x0: eps (eq. 16), v = sqrt(abar) eps - sqrt(1 - abar) x0,
+    or x0."""
+    _check_prediction_type(prediction_type)
     if prediction_type == "epsilon":
         return noise
-    if prediction_type == "v_prediction":
-        a = _abar(alphas_cumprod, timesteps, sample.dim())
-        return a.sqrt() * noise - (1 - a).sqrt() * sample
     if prediction_type == "sample":
         return sample
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    a = _abar(alphas_cumprod, timesteps, sample.dim())
+    return a.sqrt() * noise - (1 - a).sqrt() * sample
 
 
 @dataclass
 class IdentityLossConfig:
+    """Weights and cost knobs of the identity loss (Diff-ID sec. 3.3; knobs from SPEC.md sec. 2)."""
+
     lambda_id: float = 0.1
-    """Weight of the identity term (Diff-ID: 0.1)."""
+    """lambda_identity of eq. (21) (Diff-ID: 0.1)."""
     k: float = 5.0
-    """Decay of W_t = exp(-k t / T) (Diff-ID: 5)."""
+    """Decay of W_t = exp(-k t / T), eq. (19) (Diff-ID: 5)."""
     num_train_timesteps: int = 1000
+    """T of eq. (19)."""
     max_timestep: int | None = None
-    """Compute the loss only for t below this (None: all t)."""
+    """Compute the loss only for t < max_timestep (None: every t)."""
     batch_fraction: float = 1.0
-    """Compute it on this fraction of each batch (at least one sample)."""
+    """Compute it on ceil(batch_fraction x B) samples of each batch (at least one)."""
     face_window: int | None = None
-    """Decode only a window of this many latents around the face box (None: the whole latent)."""
+    """Decode only a window of this many latents (per side) around the face box (None: the whole latent)."""
     checkpoint_decoder: bool = False
     """Recompute the decoder in the backward pass instead of storing its activations."""
-    latent_scale: int | None = None
-    """Pixels per latent (None: taken from the decoded size)."""
+    latent_scale: int | None = 8
+    """Pixels per latent (SD's VAE: 8; the pixel codec: 1); needed with ``face_window``."""
     align_size: int = 112
+    """Side of the aligned crop fed to the face encoder (ArcFace: 112)."""
 
     def __post_init__(self):
         if self.lambda_id < 0 or self.k < 0:
-            raise ValueError(f"lambda_id and k must be >= 0, got {self.lambda_id}, {self.k}")
+            raise ValueError(
+                f"IdentityLossConfig: lambda_id and k must be >= 0, got {self.lambda_id}, {self.k}"
+            )
+        if self.num_train_timesteps < 1:
+            raise ValueError(
+                f"IdentityLossConfig: num_train_timesteps must be >= 1, got {self.num_train_timesteps}"
+            )
+        if self.max_timestep is not None and not 0 < self.max_timestep <= self.num_train_timesteps:
+            raise ValueError(
+                f"IdentityLossConfig: max_timestep must be in (0, {self.num_train_timesteps}], "
+                f"got {self.max_timestep}"
+            )
         if not 0 < self.batch_fraction <= 1:
-            raise ValueError(f"batch_fraction must be in (0, 1], got {self.batch_fraction}")
+            raise ValueError(
+                f"IdentityLossConfig: batch_fraction must be in (0, 1], got {self.batch_fraction}"
+            )
         if self.face_window is not None and self.face_window < 1:
-            raise ValueError(f"face_window must be >= 1 latent, got {self.face_window}")
+            raise ValueError(f"IdentityLossConfig: face_window must be >= 1 latent, got {self.face_window}")
+        if self.latent_scale is not None and self.latent_scale < 1:
+            raise ValueError(
+                f"IdentityLossConfig: latent_scale must be >= 1 pixel per latent, got {self.latent_scale}"
+            )
+        if self.face_window is not None and self.latent_scale is None:
+            raise ValueError(
+                "IdentityLossConfig: face_window needs latent_scale (pixels per latent, e.g. the "
+                "codec's downsample factor)"
+            )
+        if self.align_size < 1:
+            raise ValueError(f"IdentityLossConfig: align_size must be >= 1, got {self.align_size}")
 
 
 @dataclass
 class IdentityLossOutput:
-    loss: torch.Tensor  # lambda * mean over the batch of W_t * L_id (skipped samples count 0)
-    id_loss: torch.Tensor  # mean L_id over the samples used
-    weight_mean: torch.Tensor  # mean W_t over the samples used
-    id_cosine: torch.Tensor  # mean cos(ArcFace(x), ArcFace(x0_hat)) over the samples used
+    """The weighted loss and the figures a trainer logs (statistics are detached; NaN when num_used = 0)."""
+
+    loss: torch.Tensor
+    """lambda x mean over the WHOLE batch of W_t L_id (skipped samples count 0); add to L_denoise."""
+    id_loss: torch.Tensor
+    """Mean L_id = 1 - cos over the samples used."""
+    weight_mean: torch.Tensor
+    """Mean W_t over the samples used."""
+    id_cosine: torch.Tensor
+    """Mean cos(ArcFace(x), ArcFace(x0_hat)) over the samples used."""
     num_used: int
 
 
 class IdentityLoss(nn.Module):
-    """L = lambda * mean_b( W_t L_id ) with a frozen, differentiable ArcFace."""
+    """lambda x mean_b(W_t L_id) with a frozen, differentiable face encoder (Diff-ID eq. (18)-(21))."""
 
     def __init__(self, face_encoder: nn.Module, config: IdentityLossConfig | None = None):
+        """``face_encoder``: (B, 3, 112, 112) crops in [-1, 1] -> (B, 512) embeddings; frozen here."""
         super().__init__()
         self.config = config or IdentityLossConfig()
         self.face_encoder = face_encoder
         self.face_encoder.requires_grad_(False)
         self.face_encoder.eval()
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> IdentityLoss:
         super().train(mode)
-        self.face_encoder.eval()
+        self.face_encoder.eval()  # BatchNorm statistics stay those of the pretrained encoder
         return self
 
     def select(self, timesteps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Indices of the samples the loss is computed on (timestep threshold, batch fraction)."""
+        """Sorted indices of the samples the loss is computed on (timestep threshold, then batch fraction)."""
         cfg = self.config
         ok = torch.ones_like(timesteps, dtype=torch.bool)
         if cfg.max_timestep is not None:
             ok &= timesteps < cfg.max_timestep
         idx = ok.nonzero().flatten()
         if cfg.batch_fraction < 1 and len(idx):
-            n = max(1, math.ceil(cfg.batch_fraction * len(timesteps)))
-            perm = torch.randperm(len(idx), generator=generator, device="cpu")[:n].to(idx.device)
+            n = min(len(idx), max(1, math.ceil(cfg.batch_fraction * len(timesteps))))
+            device = generator.device if generator is not None else "cpu"
+            perm = torch.randperm(len(idx), generator=generator, device=device)[:n].to(idx.device)
             idx = idx[perm.sort().values]
         return idx
 
-    def _decode_window(self, x0_hat, decode, landmarks, boxes):
+    def _window(
+        self, latents: torch.Tensor, landmarks: torch.Tensor, boxes: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Cut the face window of each latent; return (windows, landmarks in window pixels, window side)."""
         cfg = self.config
-        win = cfg.face_window
-        h, w = x0_hat.shape[-2:]
-        if win is None or (win >= h and win >= w):
-            return x0_hat, landmarks, None
         if boxes is None:
-            raise ValueError("face_window needs the face boxes of the samples")
+            raise ValueError(
+                "IdentityLoss: face_window needs the face boxes (B, 4) in pixel coordinates of the "
+                "decoded image; pass boxes=... or set face_window=None"
+            )
+        h, w = latents.shape[-2:]
+        win_h, win_w = min(cfg.face_window, h), min(cfg.face_window, w)
         scale = cfg.latent_scale
-        if scale is None:
-            raise ValueError("face_window needs latent_scale (pixels per latent) in IdentityLossConfig")
-        cx = ((boxes[:, 0] + boxes[:, 2]) / 2 / scale).round().long()
-        cy = ((boxes[:, 1] + boxes[:, 3]) / 2 / scale).round().long()
-        x0 = (cx - win // 2).clamp(0, max(w - win, 0))
-        y0 = (cy - win // 2).clamp(0, max(h - win, 0))
-        crops = torch.stack([x0_hat[i, :, y0[i]:y0[i] + win, x0[i]:x0[i] + win] for i in range(len(x0))])
-        offset = torch.stack([x0, y0], -1).to(landmarks.dtype)[:, None, :] * scale  # (B, 1, 2) pixels
-        return crops, landmarks - offset, offset
+        cx = (boxes[:, 0] + boxes[:, 2]) / (2 * scale)  # box centre in latent units
+        cy = (boxes[:, 1] + boxes[:, 3]) / (2 * scale)
+        x0 = torch.floor(cx - win_w / 2 + 0.5).long().clamp(0, w - win_w)
+        y0 = torch.floor(cy - win_h / 2 + 0.5).long().clamp(0, h - win_h)
+        crops = torch.stack(
+            [latents[i, :, y0[i] : y0[i] + win_h, x0[i] : x0[i] + win_w] for i in range(latents.shape[0])]
+        )  # (B, C, win_h, win_w)
+        offset = torch.stack([x0, y0], -1).to(landmarks)[:, None, :] * scale  # (B, 1, 2) pixels
+        return crops, landmarks - offset, win_h
 
-    def forward(self, *, x0_hat: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor],
-                timesteps: torch.Tensor, landmarks: torch.Tensor, reference_embeds: torch.Tensor,
-                boxes: torch.Tensor | None = None, generator: torch.Generator | None = None) -> IdentityLossOutput:
+    def _decode(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+        if self.config.checkpoint_decoder and torch.is_grad_enabled():
+            return checkpoint(decode, latents, use_reentrant=False)
+        return decode(latents)
+
+    def forward(
+        self,
+        *,
+        x0_hat: torch.Tensor,
+        decode: Callable[[torch.Tensor], torch.Tensor],
+        timesteps: torch.Tensor,
+        landmarks: torch.Tensor,
+        reference_embeds: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> IdentityLossOutput:
+        """Weighted identity loss of predicted clean latents ``x0_hat`` (B, C, h, w).
+
+        Args:
+            x0_hat: predicted clean latents (or pixels, with an identity ``decode``).
+            decode: latents -> images in [-1, 1], (B, 3, h*s, w*s) with s = ``latent_scale``.
+            timesteps: (B,) training timesteps t.
+            landmarks: (B, 5, 2) landmarks in pixel coordinates of the full decoded image.
+            reference_embeds: (B, 512) ArcFace(x_original); treated as constants.
+            boxes: (B, 4) x1, y1, x2, y2 face boxes in pixels (needed for ``face_window``).
+            generator: random source of the ``batch_fraction`` choice.
+        """
         cfg = self.config
         b = x0_hat.shape[0]
+        if landmarks.shape != (b, 5, 2):
+            raise ValueError(
+                f"IdentityLoss: landmarks must be ({b}, 5, 2) pixel coordinates, got {tuple(landmarks.shape)}"
+            )
         idx = self.select(timesteps, generator)
-        zero = x0_hat.sum() * 0.0
+        zero = x0_hat.sum() * 0.0  # keeps the graph (and DDP's parameter bookkeeping) when nothing is used
         if len(idx) == 0:
-            nan = torch.tensor(float("nan"), device=x0_hat.device)
+            nan = torch.full((), float("nan"), device=x0_hat.device)
             return IdentityLossOutput(zero, nan, nan, nan, 0)
-        z, lms, _ = self._decode_window(x0_hat[idx], decode, landmarks[idx].float(),
-                                        None if boxes is None else boxes[idx].float())
-        images = checkpoint(decode, z, use_reentrant=False) if cfg.checkpoint_decoder and torch.is_grad_enabled() \
-            else decode(z)
-        crops = warp_to_template(images.float(), lms, out_size=cfg.align_size)
+        z, lms = x0_hat[idx], landmarks[idx].float()
+        if cfg.face_window is not None:
+            z, lms, win = self._window(z, lms, None if boxes is None else boxes[idx].float())
+        images = self._decode(decode, z)  # (n, 3, H, W)
+        if cfg.face_window is not None and images.shape[-2] != win * cfg.latent_scale:
+            raise ValueError(
+                f"IdentityLoss: decode maps a {win}-latent window to {images.shape[-2]} px, but "
+                f"latent_scale={cfg.latent_scale}; set latent_scale to the codec's pixels per latent"
+            )
+        crops = warp_to_template(images.float(), lms, out_size=cfg.align_size)  # (n, 3, 112, 112)
         emb = F.normalize(self.face_encoder(crops).float(), dim=-1)
-        ref = F.normalize(reference_embeds[idx].float().to(emb.device), dim=-1)
-        cos = (emb * ref).sum(-1)
-        l_id = 1.0 - cos
-        w_t = timestep_weight(timesteps[idx], cfg.num_train_timesteps, cfg.k)
-        loss = cfg.lambda_id * (w_t * l_id).sum() / b + zero
-        return IdentityLossOutput(loss, l_id.mean().detach(), w_t.mean().detach(), cos.mean().detach(), len(idx))
+        ref = F.normalize(reference_embeds[idx].detach().float().to(emb.device), dim=-1)
+        cos = (emb * ref).sum(-1)  # (n,)
+        l_id = 1.0 - cos  # eq. (18)
+        w_t = timestep_weight(timesteps[idx], cfg.num_train_timesteps, cfg.k).to(l_id.device)  # eq. (19)
+        loss = cfg.lambda_id * (w_t * l_id).sum() / b + zero  # eq. (20)-(21): mean over the whole batch
+        return IdentityLossOutput(
+            loss, l_id.mean().detach(), w_t.mean().detach(), cos.mean().detach(), len(idx)
+        )

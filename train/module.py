@@ -62,7 +62,7 @@ class IdentityDiffusionModule(L.LightningModule):
                                    "id_drop_prob": id_drop_prob, "text_drop_prob": text_drop_prob})
         self.generator_config = generator
         self.model = IdentityGenerator.from_config(generator)
-        if identity_loss is not None and identity_loss.latent_scale is None:
+        if identity_loss is not None:  # pixels per latent come from the codec actually loaded
             identity_loss.latent_scale = self.model.codec.downsample
         self.identity_loss = IdentityLoss(self.model.face_encoder, identity_loss) if identity_loss else None
         self.optimizer_factory = optimizer
@@ -116,7 +116,9 @@ class IdentityDiffusionModule(L.LightningModule):
             idl = self.identity_loss(x0_hat=x0_hat, decode=model.codec.decode, timesteps=t,
                                      landmarks=batch["landmarks"].float(), reference_embeds=ref.float(),
                                      boxes=batch.get("box"), generator=generator)
-            out.update(loss=denoise + idl.loss, identity=idl.id_loss, w_t=idl.weight_mean, id_cos=idl.id_cosine)
+            out["loss"] = denoise + idl.loss
+            if idl.num_used > 0:  # the threshold / fraction knobs can leave a batch without identity terms
+                out.update(identity=idl.id_loss, w_t=idl.weight_mean, id_cos=idl.id_cosine)
         return out
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Diffusion targets, x0 prediction and the time-weighted identity loss (Diff-ID sec. 3.3)."""
+"""Diffusion targets, x0 prediction and the time-weighted identity loss (Diff-ID sec. 3.3, eq. (16)-(21))."""
 
 from __future__ import annotations
 
@@ -6,25 +6,45 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
 from idforge.models.adapter import DiffIDAdapter
+from idforge.models.align_torch import warp_to_template
 from idforge.models.codec import VaeCodec
 from idforge.models.face_encoder import FaceEncoder
 from idforge.models.iresnet import IResNet, IResNetConfig
-from idforge.models.losses import (IdentityLoss, IdentityLossConfig, diffusion_target, predict_x0,
-                                   timestep_weight)
+from idforge.models.losses import (
+    IdentityLoss,
+    IdentityLossConfig,
+    diffusion_target,
+    predict_x0,
+    timestep_weight,
+)
 
-SCHED = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SCHED = DDPMScheduler(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+)
+LMS = torch.tensor([[24.0, 28.0], [40.0, 28.0], [32.0, 38.0], [25.0, 47.0], [39.0, 47.0]])  # a face in 64 px
+
+
+def _face_encoder():
+    torch.manual_seed(0)
+    return FaceEncoder(IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8)))).freeze()
+
+
+def _pixels(n, size=64, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
 
 def test_timestep_weight_values():
     t = torch.tensor([0, 200, 500, 1000])
     w = timestep_weight(t, 1000, 5.0)
     assert w[0] == 1.0
-    assert torch.allclose(w, torch.exp(-5.0 * t / 1000))
     assert math.isclose(float(w[-1]), math.exp(-5), rel_tol=1e-6)
+    assert math.isclose(float(w[2]), math.exp(-2.5), rel_tol=1e-6)
     assert (w[1:] < w[:-1]).all()
+    assert torch.allclose(timestep_weight(t, 1000, 0.0), torch.ones(4))  # k = 0: unweighted
+    assert math.isclose(float(timestep_weight(torch.tensor([50]), 100, 2.0)), math.exp(-1.0), rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
@@ -37,103 +57,223 @@ def test_predict_x0_inverts_the_exact_target(ptype):
     assert torch.allclose(predict_x0(target, noisy, t, SCHED.alphas_cumprod, ptype), x0, atol=1e-3)
 
 
+def test_v_target_matches_the_scheduler():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 700])
+    assert torch.allclose(
+        diffusion_target(noise, x0, t, SCHED.alphas_cumprod, "v_prediction"),
+        SCHED.get_velocity(x0, noise, t),
+        atol=1e-5,
+    )
+
+
 def test_unknown_prediction_type_is_rejected():
     with pytest.raises(ValueError, match="prediction_type"):
-        predict_x0(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long), SCHED.alphas_cumprod, "flow")
-
-
-def _face_encoder():
-    torch.manual_seed(0)
-    return FaceEncoder(IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8)))).freeze()
-
-
-LMS = torch.tensor([[24.0, 28.0], [40.0, 28.0], [32.0, 38.0], [25.0, 47.0], [39.0, 47.0]])
+        predict_x0(
+            torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long), SCHED.alphas_cumprod, "flow"
+        )
+    with pytest.raises(ValueError, match="prediction_type"):
+        diffusion_target(
+            torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long), SCHED.alphas_cumprod, "x"
+        )
 
 
 def test_threshold_and_fraction_select_the_right_samples():
-    loss = IdentityLoss(_face_encoder(), IdentityLossConfig(max_timestep=500))
-    assert loss.select(torch.tensor([10, 600, 499, 900])).tolist() == [0, 2]
-    frac = IdentityLoss(_face_encoder(), IdentityLossConfig(batch_fraction=0.5))
+    enc = _face_encoder()
+    assert IdentityLoss(enc, IdentityLossConfig(max_timestep=500)).select(
+        torch.tensor([10, 600, 499, 900])
+    ).tolist() == [0, 2]
+    frac = IdentityLoss(enc, IdentityLossConfig(batch_fraction=0.5))
     picked = frac.select(torch.arange(8), torch.Generator().manual_seed(0))
-    assert len(picked) == 4 and len(set(picked.tolist())) == 4
+    assert len(picked) == 4 and picked.tolist() == sorted(set(picked.tolist()))
+    assert torch.equal(picked, frac.select(torch.arange(8), torch.Generator().manual_seed(0)))  # reproducible
+    both = IdentityLoss(enc, IdentityLossConfig(max_timestep=100, batch_fraction=0.25))
+    t = torch.tensor([5, 900, 50, 800, 999, 10, 700, 600])
+    for seed in range(5):
+        chosen = both.select(t, torch.Generator().manual_seed(seed))
+        assert len(chosen) == 2 and set(chosen.tolist()) <= {0, 2, 5}  # 2 = ceil(0.25 x 8), all eligible
+    assert len(IdentityLoss(enc, IdentityLossConfig(batch_fraction=0.1)).select(torch.arange(3))) == 1
 
 
 def test_loss_is_lambda_times_batch_mean_of_weighted_identity_term():
     enc = _face_encoder()
-    cfg = IdentityLossConfig(lambda_id=0.1, k=5.0, max_timestep=500)
-    loss = IdentityLoss(enc, cfg)
-    x = torch.rand(3, 3, 64, 64) * 2 - 1
+    loss = IdentityLoss(enc, IdentityLossConfig(lambda_id=0.1, k=5.0, max_timestep=500))
+    x = _pixels(3)
     t = torch.tensor([0, 100, 900])
     lms = LMS.expand(3, 5, 2)
-    from idforge.models.align_torch import warp_to_template
-
-    ref = enc(warp_to_template(torch.rand(3, 3, 64, 64), lms))
+    ref = enc(warp_to_template(_pixels(3, seed=1), lms))
     out = loss(x0_hat=x, decode=lambda z: z, timesteps=t, landmarks=lms, reference_embeds=ref)
-    emb = enc(warp_to_template(x, lms))
-    cos = (emb * ref).sum(-1)
-    expected = 0.1 * ((1 - cos[:2]) * torch.exp(-5.0 * t[:2] / 1000)).sum() / 3
+    cos = (enc(warp_to_template(x, lms)) * ref).sum(-1)
+    w = torch.exp(-5.0 * t[:2] / 1000)
     assert out.num_used == 2
-    assert torch.allclose(out.loss, expected, atol=1e-6)
+    assert torch.allclose(out.loss, 0.1 * ((1 - cos[:2]) * w).sum() / 3, atol=1e-6)  # sample 3 counts 0
+    assert torch.allclose(out.id_loss, (1 - cos[:2]).mean(), atol=1e-6)
     assert torch.allclose(out.id_cosine, cos[:2].mean(), atol=1e-6)
+    assert torch.allclose(out.weight_mean, w.mean())
+    same = loss(
+        x0_hat=x,
+        decode=lambda z: z,
+        timesteps=torch.tensor([0, 0, 0]),
+        landmarks=lms,
+        reference_embeds=enc(warp_to_template(x, lms)),
+    )
+    assert same.loss.abs() < 1e-6 and torch.allclose(same.id_cosine, torch.tensor(1.0), atol=1e-5)
+
+
+def test_no_sample_selected_gives_a_zero_loss_that_still_backpropagates():
+    x = _pixels(2).requires_grad_()
+    out = IdentityLoss(_face_encoder(), IdentityLossConfig(max_timestep=10))(
+        x0_hat=x,
+        decode=lambda z: z,
+        timesteps=torch.tensor([500, 900]),
+        landmarks=LMS.expand(2, 5, 2),
+        reference_embeds=torch.randn(2, 512),
+    )
+    assert out.num_used == 0 and out.loss == 0 and math.isnan(float(out.id_loss))
+    out.loss.backward()
+    assert x.grad is not None
+
+
+def _centred(size):
+    """Landmarks and a box of a face in the middle of a size x size image."""
+    shift = torch.tensor([size / 2 - 32.0, size / 2 - 36.0])
+    return LMS + shift, torch.tensor([16.0, 16.0, 48.0, 56.0]).view(2, 2).add(shift).flatten()
 
 
 def test_face_window_covering_the_latent_equals_full_decode():
     enc = _face_encoder()
-    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    x = _pixels(2)
     lms = LMS.expand(2, 5, 2)
-    boxes = torch.tensor([[16.0, 16.0, 48.0, 56.0]]).expand(2, 4)
-    ref = torch.nn.functional.normalize(torch.randn(2, 512), dim=-1)
+    boxes = torch.tensor([[16.0, 16.0, 48.0, 56.0], [0.0, 0.0, 20.0, 20.0]])  # window clamps to the latent
+    ref = F.normalize(torch.randn(2, 512), dim=-1)
     t = torch.tensor([10, 20])
-    full = IdentityLoss(enc, IdentityLossConfig())(x0_hat=x, decode=lambda z: z, timesteps=t, landmarks=lms,
-                                                   reference_embeds=ref)
-    win = IdentityLoss(enc, IdentityLossConfig(face_window=64, latent_scale=1))(
-        x0_hat=x, decode=lambda z: z, timesteps=t, landmarks=lms, reference_embeds=ref, boxes=boxes)
-    assert torch.allclose(full.loss, win.loss)
-    # a smaller window around the face sees the same face pixels: landmarks are shifted with it
-    small = IdentityLoss(enc, IdentityLossConfig(face_window=48, latent_scale=1))(
-        x0_hat=x, decode=lambda z: z, timesteps=t, landmarks=lms, reference_embeds=ref, boxes=boxes)
-    assert torch.allclose(small.id_cosine, full.id_cosine, atol=0.05)
+    kw = {"x0_hat": x, "decode": lambda z: z, "timesteps": t, "landmarks": lms, "reference_embeds": ref}
+    full = IdentityLoss(enc, IdentityLossConfig(latent_scale=1))(**kw)
+    for win in (64, 100):
+        out = IdentityLoss(enc, IdentityLossConfig(face_window=win, latent_scale=1))(**kw, boxes=boxes)
+        assert torch.allclose(out.loss, full.loss, atol=1e-6)
 
 
-def test_gradient_reaches_unet_and_adapter_but_not_vae_or_arcface():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8)
-    codec = VaeCodec(vae)
+@pytest.mark.parametrize("scale", [1, 2])
+def test_a_face_window_shifts_landmarks_and_sees_the_same_aligned_face(scale):
     enc = _face_encoder()
+    lat, window = 96 // scale, 72 // scale  # latents per side; images have 96 pixels
+    lms, box = _centred(lat * scale)
+    lms, boxes = lms.expand(2, 5, 2), box.expand(2, 4)
+
+    def decode(z):  # a "codec" with ``scale`` pixels per latent
+        return F.interpolate(z, scale_factor=scale, mode="nearest")
+
+    x = _pixels(2, lat)
+    ref = F.normalize(torch.randn(2, 512), dim=-1)
+    kw = {
+        "x0_hat": x,
+        "decode": decode,
+        "timesteps": torch.tensor([10, 20]),
+        "landmarks": lms,
+        "reference_embeds": ref,
+    }
+    full = IdentityLoss(enc, IdentityLossConfig(latent_scale=scale))(**kw)
+    win = IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale))(**kw, boxes=boxes)
+    assert torch.allclose(win.id_cosine, full.id_cosine, atol=1e-5)  # the aligned crop lies inside the window
+    decoded = []
+    IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale))(
+        **{**kw, "decode": lambda z: decoded.append(z.shape) or decode(z)}, boxes=boxes
+    )
+    assert decoded == [(2, 3, window, window)]  # only the window is decoded
+    with pytest.raises(ValueError, match="latent_scale"):
+        IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale + 1))(**kw, boxes=boxes)
+
+
+def _tiny_models():
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
     adapter = DiffIDAdapter(arcface_dim=512, clip_dim=8, text_dim=16, cross_attention_dim=16)
-    frozen_before = {k: v.clone() for k, v in list(vae.state_dict().items()) + list(enc.state_dict().items())}
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    z0 = codec.encode(x)
-    noise = torch.randn_like(z0)
+    return unet, VaeCodec(vae, sample_posterior=False), _face_encoder(), adapter
+
+
+@pytest.mark.parametrize("checkpoint_decoder,face_window", [(False, None), (True, 6)])
+def test_gradient_reaches_unet_and_adapter_but_not_vae_or_arcface(checkpoint_decoder, face_window):
+    unet, codec, enc, adapter = _tiny_models()
+    frozen = list(codec.parameters()) + list(enc.parameters())
+    frozen_before = [p.detach().clone() for p in frozen]
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
+    z0 = codec.encode(x)  # (2, 4, 8, 8): 2 pixels per latent
+    noise = torch.randn(z0.shape, generator=g)
     t = torch.tensor([5, 50])
     noisy = SCHED.add_noise(z0, noise, t)
-    cond = adapter(torch.randn(2, 512), torch.randn(2, 8), torch.randn(2, 5, 16))
+    cond = adapter(
+        torch.randn(2, 512, generator=g), torch.randn(2, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    )
     pred = unet(noisy, t, encoder_hidden_states=cond.context).sample
     x0_hat = predict_x0(pred, noisy, t, SCHED.alphas_cumprod, "epsilon")
-    loss = IdentityLoss(enc, IdentityLossConfig(lambda_id=1.0))
-    lms = (LMS / 4).expand(2, 5, 2)
-    out = loss(x0_hat=x0_hat, decode=codec.decode, timesteps=t, landmarks=lms,
-               reference_embeds=torch.nn.functional.normalize(torch.randn(2, 512), dim=-1))
+    cfg = IdentityLossConfig(
+        lambda_id=1.0,
+        checkpoint_decoder=checkpoint_decoder,
+        face_window=face_window,
+        latent_scale=codec.downsample,
+    )
+    out = IdentityLoss(enc, cfg)(
+        x0_hat=x0_hat,
+        decode=codec.decode,
+        timesteps=t,
+        landmarks=(LMS / 4).expand(2, 5, 2),
+        reference_embeds=F.normalize(torch.randn(2, 512, generator=g), dim=-1),
+        boxes=torch.tensor([[4.0, 4.0, 12.0, 14.0]]).expand(2, 4),
+    )
+    assert out.num_used == 2 and out.loss > 0
     out.loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in vae.parameters())
-    assert all(p.grad is None and not p.requires_grad for p in enc.parameters())
-    opt = torch.optim.SGD(list(unet.parameters()) + list(adapter.parameters()), lr=0.1)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    opt = torch.optim.SGD(
+        list(unet.parameters()) + list(adapter.parameters()) + frozen, lr=0.1, weight_decay=0.1
+    )
+    unet_before = next(unet.parameters()).detach().clone()
     opt.step()
-    after = dict(list(vae.state_dict().items()) + list(enc.state_dict().items()))
-    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
+    assert all(torch.equal(b, p) for b, p in zip(frozen_before, frozen))
+    assert not torch.equal(unet_before, next(unet.parameters()))
 
 
-def test_config_validation():
+def test_identity_loss_keeps_the_face_encoder_in_eval_mode():
+    loss = IdentityLoss(_face_encoder())
+    loss.train()
+    assert loss.training and not loss.face_encoder.training
+    assert not any(p.requires_grad for p in loss.face_encoder.parameters())
+
+
+def test_config_validation_and_errors():
     with pytest.raises(ValueError, match="batch_fraction"):
         IdentityLossConfig(batch_fraction=0)
+    with pytest.raises(ValueError, match="max_timestep"):
+        IdentityLossConfig(max_timestep=2000)
+    with pytest.raises(ValueError, match="latent_scale"):
+        IdentityLossConfig(face_window=32, latent_scale=None)
     with pytest.raises(ValueError, match="boxes"):
         IdentityLoss(_face_encoder(), IdentityLossConfig(face_window=8, latent_scale=1))(
-            x0_hat=torch.zeros(1, 3, 32, 32), decode=lambda z: z, timesteps=torch.tensor([1]),
-            landmarks=LMS[None] / 2, reference_embeds=torch.randn(1, 512))
+            x0_hat=torch.zeros(1, 3, 32, 32),
+            decode=lambda z: z,
+            timesteps=torch.tensor([1]),
+            landmarks=LMS[None] / 2,
+            reference_embeds=torch.randn(1, 512),
+        )
