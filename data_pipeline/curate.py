@@ -1,13 +1,16 @@
 """The curation job: raw photos -> identity-grouped webdataset shards + ``manifest.json``.
 
 Stage 1, per work unit (parallel, resumable): decode -> detect -> filter -> align (the 112 ArcFace
-crop and the training crop) -> embed. The input listing is sorted and cut into contiguous units
+crop and the training crop) -> occlusion test (optional, CLIP zero-shot on the training crops) ->
+caption (the ``captioner`` backend) -> embed. The input listing is sorted and cut into contiguous units
 of ``unit_size`` files; worker ``rank`` of ``world_size`` takes units ``rank, rank + world, ...``.
 A unit's results are written to a temporary folder and renamed into ``_units/unit-NNNNNN``: a
 killed job leaves no partial unit, and a re-run skips committed units.
 
-Stage 2, finalize (idempotent, once all units are committed): near-duplicate removal within each
-identity, grouping by identity (provided ids, person folders, or one identity per image),
+Stage 2, finalize (idempotent, once all units are committed): identity clustering (optional:
+``labelled`` cleans each person's images, ``unlabelled`` assigns identities; a report is written
+beside the shards), near-duplicate removal within each identity, grouping by identity (provided
+ids, person folders, clusters, or one identity per image),
 shards written to temporary names and renamed, stale shards removed, manifest last. Every input
 file is counted exactly once: ``files_seen = images_accepted + sum(rejected.values())``.
 """
@@ -30,6 +33,8 @@ from PIL import Image
 from .align import align_face, transform_points
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
 from .detect import make_detector
+from .caption import make_captioner
+from .cluster import cluster_labelled, cluster_unlabelled, write_report
 from .embed import make_embedder
 from .filters import FilterConfig, check_face, near_duplicates
 from .shards import GroupImage, split_group, write_manifest, write_shards
@@ -59,10 +64,30 @@ class CurateConfig:
     jpeg_quality: int = 95
     max_pixels: int = DEFAULT_MAX_PIXELS
     filters: FilterConfig = field(default_factory=FilterConfig)
+    occlusion_model: str | None = None
+    """open_clip spec of the occlusion test (``filters.occlusion``): ``local-dir:/path``,
+    ``ARCH@/path/weights.bin`` or ``hf-hub:org/repo`` (cached)."""
+    captioner: str = "provided"
+    """``provided`` | ``celeba`` | ``blip`` | ``lavis`` (:mod:`idforge.data_pipeline.caption`)."""
+    captioner_options: dict = field(default_factory=dict)
+    """Keyword arguments of the captioner (e.g. ``model``, ``batch_size``, ``device`` for ``blip``)."""
+    cluster: str | None = None
+    """Identity clustering: None, ``labelled`` (per provided person) or ``unlabelled`` (needs ``embedder``)."""
+    cluster_options: dict = field(default_factory=dict)
+    """Keyword arguments of :func:`cluster_labelled` (k, min_similarity) or :func:`cluster_unlabelled`
+    (threshold, min_size, refine, chunk, device)."""
 
     def __post_init__(self):
         if isinstance(self.filters, dict):
             self.filters = FilterConfig(**self.filters)
+        if self.filters.occlusion and not self.occlusion_model:
+            raise ValueError("filters.occlusion is on but occlusion_model is not set: give an open_clip spec "
+                             "(local-dir:/path, ARCH@/path/weights.bin) in the curation config")
+        if self.cluster not in (None, "labelled", "unlabelled"):
+            raise ValueError(f"cluster must be null, 'labelled' or 'unlabelled', got {self.cluster!r}")
+        if self.cluster and not self.embedder:
+            raise ValueError(f"cluster={self.cluster!r} needs face embeddings: set embedder (a face-encoder folder, "
+                             "backbone.pth or recognition .onnx)")
         if self.unit_size < 1 or self.resolution < 16 or self.max_group_size < 1:
             raise ValueError("unit_size, max_group_size must be >= 1 and resolution >= 16")
         if self.rank is None:
@@ -91,11 +116,20 @@ def _units(n_items: int, unit_size: int) -> list[range]:
 _STATE: dict = {}
 
 
-def _tools(cfg: CurateConfig):
-    key = (cfg.detector, cfg.embedder)
+def _tools(cfg: CurateConfig) -> dict:
+    """The unit stage's models, built once per process and reused across its units."""
+    key = json.dumps([cfg.detector, cfg.embedder, cfg.occlusion_model, asdict(cfg.filters), cfg.captioner,
+                      cfg.captioner_options], sort_keys=True, default=str)
     if _STATE.get("key") != key:
-        _STATE.update(key=key, detector=make_detector(cfg.detector), embedder=make_embedder(cfg.embedder))
-    return _STATE["detector"], _STATE["embedder"]
+        occlusion = None
+        if cfg.filters.occlusion:
+            from .filters import OcclusionFilter
+
+            occlusion = OcclusionFilter.from_spec(cfg.occlusion_model, cfg.filters)
+        _STATE.clear()
+        _STATE.update(key=key, detector=make_detector(cfg.detector), embedder=make_embedder(cfg.embedder),
+                      occlusion=occlusion, captioner=make_captioner(cfg.captioner, **cfg.captioner_options))
+    return _STATE
 
 
 def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
@@ -106,12 +140,12 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
         return final
     items = items if items is not None else open_source(cfg.input, cfg.person_folders)
     span = _units(len(items), cfg.unit_size)[unit]
-    detector, embedder = _tools(cfg)
+    tools = _tools(cfg)
     for stale in root.glob(f".unit-{unit:06d}.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".unit-{unit:06d}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    accepted, rejects, crops112 = [], {}, []
+    accepted, rejects, crops, crops112 = [], {}, [], []
     for i in span:
         item = items[i]
         if item.reject:
@@ -123,14 +157,12 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
             log.info("skipped %s", exc)
             rejects[item.key] = exc.reason
             continue
-        det, reason = check_face(image, detector.detect(image, item.meta), cfg.filters)
+        det, reason = check_face(image, tools["detector"].detect(image, item.meta), cfg.filters)
         if reason:
             rejects[item.key] = reason
             continue
         crop112, _ = align_face(image, det.landmarks, size=112, scale=1.0)
         crop, matrix = align_face(image, det.landmarks, size=cfg.resolution, scale=cfg.crop_scale)
-        n = len(accepted)
-        Image.fromarray(crop).save(tmp / f"{n:05d}.jpg", quality=cfg.jpeg_quality)
         box = transform_points(det.box.reshape(2, 2), matrix).reshape(-1)
         meta = item.meta
         identity = meta.get("identity") or meta.get("person") or Path(item.key).stem
@@ -141,9 +173,21 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
             "box": [round(float(v), 3) for v in box], "score": round(det.score, 4),
             "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
         })
+        crops.append(crop)
         crops112.append(crop112)
-    if embedder is not None and crops112:
-        np.save(tmp / "emb.npy", embedder.embed(np.stack(crops112)).astype(np.float16))
+    if tools["occlusion"] is not None and crops:
+        occluded = tools["occlusion"].flags([Image.fromarray(c) for c in crops])
+        for rec in (r for r, o in zip(accepted, occluded) if o):
+            rejects[rec["source"]] = "occluded"
+        accepted, crops, crops112 = ([x for x, o in zip(seq, occluded) if not o] for seq in (accepted, crops, crops112))
+    if crops:
+        captions = tools["captioner"].caption([Image.fromarray(c) for c in crops], accepted)
+        for rec, caption in zip(accepted, captions):
+            rec["caption"] = caption
+    for n, crop in enumerate(crops):
+        Image.fromarray(crop).save(tmp / f"{n:05d}.jpg", quality=cfg.jpeg_quality)
+    if tools["embedder"] is not None and crops112:
+        np.save(tmp / "emb.npy", tools["embedder"].embed(np.stack(crops112)).astype(np.float16))
     (tmp / "records.json").write_text(json.dumps({"accepted": accepted, "rejected": rejects}))
     os.replace(tmp, final)  # the commit
     return final
@@ -163,6 +207,8 @@ def finalize(cfg: CurateConfig, n_units: int, files_seen: int) -> dict:
                              meta={k: v for k, v in meta.items() if k not in ("identity", "split")},
                              embedding=None if emb is None else emb[n].astype(np.float32))
             by_identity[(meta["split"], meta["identity"])].append(img)
+    if cfg.cluster:
+        by_identity = _cluster(cfg, by_identity, rejected)
     groups = defaultdict(list)
     accepted = 0
     thr = cfg.filters.duplicate_threshold
@@ -190,6 +236,35 @@ def finalize(cfg: CurateConfig, n_units: int, files_seen: int) -> dict:
                            f"{accepted} accepted + {sum(rejected.values())} rejected")
     write_manifest(root, manifest)
     return manifest
+
+
+def _cluster(cfg: CurateConfig, by_identity: dict, rejected: Counter) -> dict:
+    """Identity clustering per split (SPEC.md sec. 4 stage 4); the reports go beside the shards."""
+    out: dict[tuple[str, str], list[GroupImage]] = defaultdict(list)
+    for split in sorted({s for s, _ in by_identity}):
+        keys = [k for k in sorted(by_identity) if k[0] == split]
+        images = [im for k in keys for im in by_identity[k]]
+        persons = [k[1] for k in keys for _ in by_identity[k]]
+        if any(im.embedding is None for im in images):
+            raise RuntimeError(f"clustering needs embeddings, but units in {cfg.output}/{UNITS} were written "
+                               "without an embedder: delete them and re-run with embedder set")
+        emb = np.stack([im.embedding for im in images])
+        opts = dict(cfg.cluster_options)
+        if cfg.cluster == "labelled":
+            result = cluster_labelled(emb, persons, **opts)
+            names = sorted(set(persons))
+            label = [names[i] if i >= 0 else None for i in result.identity]
+        else:
+            result = cluster_unlabelled(emb, **opts)
+            label = [f"{split}-c{i:07d}" if i >= 0 else None for i in result.identity]
+        write_report(result, Path(cfg.output) / f"cluster_report_{split}")
+        rejected["cluster_outlier"] += int((~result.keep).sum())
+        for im, name in zip(images, label):
+            if name is not None:
+                out[(split, name)].append(im)
+        log.info("clustering (%s, %s): %d images -> %d identities, %d dropped", cfg.cluster, split, len(images),
+                 result.report.get("clusters", 0), int((~result.keep).sum()))
+    return out
 
 
 def run_curation(cfg: CurateConfig, progress=None) -> dict | None:

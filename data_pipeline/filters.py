@@ -182,6 +182,16 @@ class OcclusionFilter:
         return self.probabilities(images) >= self.threshold
 
     @classmethod
+    def from_spec(cls, spec: str, cfg: FilterConfig, **kw) -> OcclusionFilter:
+        """Build from an open_clip spec (``local-dir:/path``, ``ARCH@/path/weights``, ``hf-hub:org/repo``),
+        the same forms the generator's CLIP image encoder accepts."""
+        from idforge.models.image_encoder import load_open_clip, load_open_clip_tokenizer
+
+        model, preprocess = load_open_clip(spec)
+        return cls(model, preprocess, load_open_clip_tokenizer(spec), cfg.occlusion_prompts,
+                   cfg.occlusion_threshold, cfg.clean_prompt, **kw)
+
+    @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str | None, cfg: FilterConfig, **kw) -> OcclusionFilter:
         """Build from an open_clip model name and a LOCAL checkpoint path (never downloads)."""
         import open_clip

@@ -2,9 +2,12 @@
 
 Supported inputs (chosen by :func:`open_source` from the path):
 
-- an image folder (recursive); with ``person_folders`` the first sub-folder names the person;
-  a ``landmarks.jsonl`` beside the images (SynthID's, or FFHQ-style records converted to it) supplies
-  landmarks, boxes, captions, identities and attributes per file;
+- an image folder (recursive); with ``person_folders`` the first sub-folder names the person.
+  Annotation files at the folder's root add metadata per image (:mod:`.annotations`):
+  ``landmarks.jsonl`` (SynthID's format: landmarks, box, caption, identity, attributes, split),
+  CelebA / CelebA-HQ files (``list_attr_celeba.txt`` or ``CelebAMask-HQ-attribute-anno.txt``,
+  ``list_landmarks_celeba.txt``, ``identity_CelebA.txt``, ``CelebA-HQ-to-CelebA-mapping.txt``) and
+  FFHQ's ``ffhq-dataset-v2.json`` (68-point landmarks of every image);
 - a ``.tar`` file of images (member names with ``..`` or absolute paths are rejected as
   ``unsafe_path``, never extracted);
 - a folder or glob of webdataset shards written by ``idforge curate`` (re-curation).
@@ -20,8 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .annotations import ANNOTATION_FILES, load_annotations
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-SIDECAR = "landmarks.jsonl"
 
 
 @dataclass
@@ -32,37 +36,21 @@ class SourceItem:
     reject: str | None = None  # a reason known before decoding (e.g. unsafe_path)
 
 
-def _load_sidecar(root: Path) -> dict[str, dict]:
-    path = root / SIDECAR
-    if not path.is_file():
-        return {}
-    records = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            records[rec["file"]] = rec
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{path}:{n}: not a landmarks record with a 'file' field ({exc})") from exc
-    return records
-
-
 def _unsafe(name: str) -> bool:
     p = PurePosixPath(name)
     return p.is_absolute() or ".." in p.parts
 
 
 def iter_folder(root: Path, person_folders: bool = False) -> Iterator[SourceItem]:
-    sidecar = _load_sidecar(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != SIDECAR
+    annotations = load_annotations(root)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ANNOTATION_FILES
                    and not p.name.endswith(".tmp") and p.suffix.lower() not in {".json", ".jsonl", ".txt"})
     for path in files:
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() == ".tar":
             yield from iter_tar(path, prefix=rel)
             continue
-        meta = dict(sidecar.get(rel, {}))
+        meta = annotations.lookup(rel)
         if person_folders and len(PurePosixPath(rel).parts) > 1:
             meta.setdefault("person", PurePosixPath(rel).parts[0])
         yield SourceItem(key=rel, read=path.read_bytes, meta=meta)

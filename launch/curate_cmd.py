@@ -16,6 +16,10 @@ def add_curate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedder", default=None, help="face-encoder folder, backbone.pth or recognition .onnx")
     p.add_argument("--resolution", type=int, default=None, help="training resolution of the stored crops")
     p.add_argument("--person-folders", action="store_true", help="first sub-folder names the person")
+    p.add_argument("--captioner", choices=["provided", "celeba", "blip", "lavis"], default=None,
+                   help="caption backend (options via captioner_options in --config)")
+    p.add_argument("--cluster", choices=["none", "labelled", "unlabelled"], default=None,
+                   help="identity clustering (needs --embedder); report written beside the shards")
     p.add_argument("--workers", type=int, default=None, help="processes for the per-unit stage")
     p.add_argument("--rank", type=int, default=None, help="this worker's index (default: $RANK / SLURM array id)")
     p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE)")
@@ -32,10 +36,13 @@ def run_curate_command(args) -> int:
         with open(args.config) as f:
             fields = yaml.safe_load(f) or {}
     overrides = {"detector": args.detector, "embedder": args.embedder, "resolution": args.resolution,
-                 "workers": args.workers, "rank": args.rank, "world_size": args.world_size}
+                 "workers": args.workers, "rank": args.rank, "world_size": args.world_size,
+                 "captioner": args.captioner}
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if args.person_folders:
         fields["person_folders"] = True
+    if args.cluster is not None:
+        fields["cluster"] = None if args.cluster == "none" else args.cluster
     cfg = CurateConfig(input=args.input, output=args.output, **fields)
     total = len(open_source(cfg.input, cfg.person_folders))
     t0 = time.perf_counter()
@@ -53,4 +60,6 @@ def run_curate_command(args) -> int:
     print(f"{'identities':<24}{sum(manifest['identities'].values()):>8}")
     print(f"{'shards':<24}{len(manifest['shards']):>8}")
     print(f"{total / max(secs, 1e-9):.1f} files/s; manifest: {args.output}/manifest.json")
+    if cfg.cluster:
+        print(f"identity clustering report: {args.output}/cluster_report_<split>.txt")
     return 0

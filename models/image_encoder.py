@@ -21,6 +21,44 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+def load_open_clip(spec: str):
+    """(model, preprocess) of an open_clip spec; the spec forms are listed in the module docstring.
+
+    A plain path must be a folder (``open_clip_config.json`` + weights); ``hf-hub:`` names resolve
+    from the local cache only when the machine is offline.
+    """
+    import open_clip
+
+    spec = str(spec)
+    if "@" in spec and not spec.startswith(("local-dir:", "hf-hub:")):
+        arch, pretrained = spec.split("@", 1)
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
+        return model, preprocess
+    if not spec.startswith(("local-dir:", "hf-hub:")):
+        folder = Path(spec).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"open_clip model {spec!r}: not a folder. Pass 'local-dir:/path' (a folder with "
+                "open_clip_config.json and weights), 'hf-hub:org/repo', or 'ARCH@TAG_OR_FILE' "
+                "(e.g. ViT-H-14@laion2b_s32b_b79k)."
+            )
+        spec = f"local-dir:{folder}"
+    model, _, preprocess = open_clip.create_model_and_transforms(spec)
+    return model, preprocess
+
+
+def load_open_clip_tokenizer(spec: str):
+    """The text tokenizer that belongs to an open_clip spec (CLIP's bundled BPE for local folders)."""
+    import open_clip
+
+    spec = str(spec)
+    if "@" in spec and not spec.startswith(("local-dir:", "hf-hub:")):
+        return open_clip.get_tokenizer(spec.split("@", 1)[0])
+    if not spec.startswith(("local-dir:", "hf-hub:")):
+        spec = f"local-dir:{Path(spec).expanduser()}"
+    return open_clip.get_tokenizer(spec)
+
+
 class ClipImageEncoder(nn.Module):
     def __init__(self, model: nn.Module, image_size: int, mean, std, tokens: str = "pooled"):
         super().__init__()
@@ -51,21 +89,7 @@ class ClipImageEncoder(nn.Module):
     def from_pretrained(cls, spec: str, tokens: str = "pooled") -> ClipImageEncoder:
         import open_clip
 
-        spec = str(spec)
-        if "@" in spec and not spec.startswith(("local-dir:", "hf-hub:")):
-            arch, pretrained = spec.split("@", 1)
-            model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained)
-        else:
-            if not spec.startswith(("local-dir:", "hf-hub:")):
-                folder = Path(spec).expanduser()
-                if not folder.is_dir():
-                    raise FileNotFoundError(
-                        f"CLIP image encoder {spec!r}: not a folder. Pass 'local-dir:/path' (a folder with "
-                        "open_clip_config.json and weights), 'hf-hub:org/repo', or 'ARCH@TAG_OR_FILE' "
-                        "(e.g. ViT-H-14@laion2b_s32b_b79k)."
-                    )
-                spec = f"local-dir:{folder}"
-            model, _, preprocess = open_clip.create_model_and_transforms(spec)
+        model, _ = load_open_clip(spec)
         cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
         size = cfg.get("size", model.visual.image_size)
         size = size[0] if isinstance(size, (tuple, list)) else size

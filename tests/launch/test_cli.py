@@ -45,6 +45,14 @@ def test_curate_command_prints_a_summary(demo_out, tmp_path, capsys):
     assert (tmp_path / "c" / "manifest.json").is_file()
 
 
+def test_curate_command_clusters_with_an_embedder(demo_out, tmp_path, capsys):
+    assert main(["curate", "--input", str(demo_out / "synthid"), "--output", str(tmp_path / "c"),
+                 "--resolution", "32", "--embedder", str(demo_out / "zoo" / "face_encoder"),
+                 "--cluster", "unlabelled", "--captioner", "provided"]) == 0
+    assert "identity clustering report" in capsys.readouterr().out
+    assert (tmp_path / "c" / "cluster_report_train.txt").is_file()
+
+
 def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"
