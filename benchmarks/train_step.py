@@ -17,7 +17,6 @@ import torch
 
 def build(device, dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
     from idforge.models.adapter import DiffIDAdapter
     from idforge.models.codec import VaeCodec
     from idforge.models.face_encoder import FaceEncoder

@@ -164,4 +164,4 @@ def load_annotations(root: str | Path) -> Annotations:
     return ann
 
 
-__all__ = ["Annotations", "load_annotations", "ANNOTATION_FILES", "SIDECAR"]
+__all__ = ["ANNOTATION_FILES", "SIDECAR", "Annotations", "load_annotations"]

@@ -31,10 +31,10 @@ import numpy as np
 from PIL import Image
 
 from .align import align_face, transform_points
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .detect import make_detector
 from .caption import make_captioner
 from .cluster import cluster_labelled, cluster_unlabelled, write_report
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .detect import make_detector
 from .embed import make_embedder
 from .filters import FilterConfig, check_face, near_duplicates
 from .shards import GroupImage, split_group, write_manifest, write_shards

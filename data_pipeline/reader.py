@@ -8,6 +8,10 @@ is bounded by steps). Two sample modes:
   reference is the same photo (``reference="same"``) or another photo of the person ("other").
 - ``group`` (FlashFace): N in [min_refs, max_refs] reference photos (N random) + 1 target photo of
   the same identity; groups with fewer than N + 1 photos give as many references as they can.
+
+Shards with cached encodings (:mod:`.cache`) also yield ``latent`` (C, h, w) and ``text_states``
+(77, D) when they were cached at the requested resolution; the trainer then skips the VAE and
+text encoder.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def decode_group(sample: dict, resolution: int) -> list[dict]:
     """One shard sample -> a list of per-image dicts of tensors."""
     meta = json.loads(sample["meta.json"])
     emb = np.load(io.BytesIO(sample["emb.npy"])) if "emb.npy" in sample else None
+    cached = meta.get("cache", {}).get("resolution") == resolution and "lat.npy" in sample
+    lat = np.load(io.BytesIO(sample["lat.npy"])) if cached else None
+    txt = np.load(io.BytesIO(sample["txt.npy"])) if cached and "txt.npy" in sample else None
     out = []
     for i, rec in enumerate(meta["images"]):
         image, scale = _image_tensor(sample[f"{i:03d}.jpg"], resolution)
@@ -49,6 +56,10 @@ def decode_group(sample: dict, resolution: int) -> list[dict]:
         }
         if emb is not None:
             item["embedding"] = torch.from_numpy(emb[i].astype(np.float32))
+        if lat is not None:
+            item["latent"] = torch.from_numpy(lat[i].astype(np.float32))
+        if txt is not None:
+            item["text_states"] = torch.from_numpy(txt[i].astype(np.float32))
         out.append(item)
     return out
 

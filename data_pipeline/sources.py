@@ -18,12 +18,15 @@ Listing is sorted, so the work-unit split is deterministic across runs and worke
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .annotations import ANNOTATION_FILES, load_annotations
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 
@@ -56,20 +59,37 @@ def iter_folder(root: Path, person_folders: bool = False) -> Iterator[SourceItem
         yield SourceItem(key=rel, read=path.read_bytes, meta=meta)
 
 
+def _member_reader(path: Path, member: tarfile.TarInfo) -> Callable[[], bytes]:
+    """Read one member on demand: a seek into the plain tar (no archive held in memory)."""
+    if member.issparse():
+        def read_sparse() -> bytes:
+            with tarfile.open(path) as tar:
+                return tar.extractfile(member.name).read()
+        return read_sparse
+
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            f.seek(member.offset_data)
+            return f.read(member.size)
+    return read
+
+
 def iter_tar(path: Path, prefix: str | None = None) -> Iterator[SourceItem]:
+    """Members of a plain (uncompressed) tar; the listing reads headers only, images are read lazily."""
     prefix = prefix or path.name
     try:
-        with tarfile.open(path) as tar:
+        with tarfile.open(path, "r:") as tar:
             members = sorted((m for m in tar.getmembers() if m.isfile()), key=lambda m: m.name)
-            for m in members:
-                key = f"{prefix}::{m.name}"
-                if _unsafe(m.name):
-                    yield SourceItem(key=key, read=lambda: b"", reject="unsafe_path")
-                    continue
-                data = tar.extractfile(m).read()
-                yield SourceItem(key=key, read=lambda d=data: d)
-    except tarfile.TarError:
+    except tarfile.TarError as exc:
+        log.info("skipped %s: not a readable plain tar (%s)", path, exc)
         yield SourceItem(key=prefix, read=lambda: b"", reject="bad_archive")
+        return
+    for m in members:
+        key = f"{prefix}::{m.name}"
+        if _unsafe(m.name):
+            yield SourceItem(key=key, read=lambda: b"", reject="unsafe_path")
+            continue
+        yield SourceItem(key=key, read=_member_reader(path, m))
 
 
 def iter_shards(paths: list[Path]) -> Iterator[SourceItem]:

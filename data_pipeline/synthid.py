@@ -115,7 +115,7 @@ class SynthID:
     # ------------------------------------------------------------------ identities and splits
     @property
     def train_ids(self) -> range:
-        return range(0, self.config.num_identities - self.config.heldout_identities)
+        return range(self.config.num_identities - self.config.heldout_identities)
 
     @property
     def heldout_ids(self) -> range:
@@ -183,7 +183,7 @@ class SynthID:
         hair = HAIR[p.hair_colour]
         shift = yaw * 0.25  # inner features move with yaw; the nose tip moves more
         eye_y = -0.18 * a
-        poly = lambda pts, fill: draw.polygon([tuple(q) for q in to_img(pts)], fill=tuple(int(c) for c in fill))  # noqa: E731
+        poly = lambda pts, fill: draw.polygon([tuple(q) for q in to_img(pts)], fill=tuple(int(c) for c in fill))
 
         # hair behind the head
         if p.hair_style == "long":

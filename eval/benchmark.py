@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from idforge.inference.sampling import SamplingConfig, sample
 from idforge.models.generator import IdentityGenerator
 

@@ -8,7 +8,6 @@ with their 5-point landmarks before embedding.
 from __future__ import annotations
 
 import torch
-
 from idforge.models.align_torch import warp_to_template
 
 

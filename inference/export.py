@@ -23,12 +23,12 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from idforge import __version__
 from idforge.models import zoo as zoo_lib
 from idforge.models.attention import PROCESSOR_WEIGHTS as PROCESSORS
 from idforge.models.attention import load_identity_processors, save_identity_processors
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
+
+from idforge import __version__
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from idforge.models.generator import IdentityGenerator
 
 

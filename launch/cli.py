@@ -3,6 +3,7 @@
     idforge demo      [--out DIR] [--quick]          whole flow on SynthID + tiny models (CPU, offline)
     idforge curate    --input PATH --output DIR      raw photos -> identity-grouped webdataset shards
     idforge caption-finetune --model BLIP --data JSONL --out DIR   BLIP fine-tuned on attribute captions
+    idforge cache     --shards DIR --out DIR --base SD   shards + cached VAE latents and CLIP text states
     idforge train     fit --config YAML              LightningCLI (fit / validate / test)
     idforge export    --checkpoint CKPT --out DIR    Lightning checkpoint -> self-contained folder
     idforge generate  --model DIR --reference IMG    images of the reference's identity
@@ -55,6 +56,17 @@ def _caption_finetune(args) -> int:
     return 0
 
 
+def _cache(args) -> int:
+    from idforge.data_pipeline.cache import cache_shards
+
+    summary = cache_shards(args.shards, args.out, {"base": args.base}, args.resolution, device=args.device,
+                           dtype=args.dtype, batch_size=args.batch_size,
+                           progress=lambda name: print(f"cached {name}", flush=True))
+    print(f"{summary['images_encoded']} images encoded into {len(summary['shards'])} shards in {args.out} "
+          f"({len(summary['skipped_existing'])} already cached); train with --data.train_shards pointing there")
+    return 0
+
+
 def _export(args) -> int:
     from .export_cmd import export_checkpoint
 
@@ -89,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests and smoke checks)")
     d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 300, quick: 4)")
+    d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 600, quick: 4)")
     d.add_argument("--identity-loss", type=float, default=None, metavar="LAMBDA",
                    help="train with the time-weighted ArcFace identity loss at this weight (default: off)")
     d.set_defaults(func=_demo)
@@ -105,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(f)
     f.set_defaults(func=_caption_finetune)
+
+    k = sub.add_parser("cache", help="add cached VAE latents and CLIP text states to curated shards")
+    k.add_argument("--shards", required=True, help="folder of shards written by `idforge curate`")
+    k.add_argument("--out", required=True, help="output folder for the cached copies (resumable)")
+    k.add_argument("--base", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="diffusers folder or hub name holding vae/, text_encoder/, tokenizer/ (or tiny:/folder)")
+    k.add_argument("--resolution", type=int, required=True, help="training resolution the latents are for")
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    k.add_argument("--batch-size", type=int, default=16)
+    k.set_defaults(func=_cache)
 
     sub.add_parser("train", help="LightningCLI: idforge train fit --config configs/train/tiny.yaml",
                    add_help=False)
@@ -144,6 +167,7 @@ def _quiet_libraries() -> None:
     """Keep the command's output to idforge's own report (use -v for the libraries' logs)."""
     import warnings
 
+    import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet them after it)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -151,7 +175,8 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
+                 "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")

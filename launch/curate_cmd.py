@@ -26,10 +26,9 @@ def add_curate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_curate_command(args) -> int:
-    from tqdm import tqdm
-
     from idforge.data_pipeline.curate import CurateConfig, run_curation
     from idforge.data_pipeline.sources import open_source
+    from tqdm import tqdm
 
     fields = {}
     if args.config:

@@ -6,12 +6,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
-
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
 from idforge.eval.benchmark import IdentityGroup
+from torch.utils.data import DataLoader
 
 
 def curate_demo_shards(synthid_dir: Path, shards_dir: Path, face_encoder: str, resolution: int,

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from idforge.data_pipeline.align import template_for
 from idforge.eval.benchmark import identity_benchmark
 from idforge.inference.export import load_exported

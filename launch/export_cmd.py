@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from idforge.inference.export import export_generator
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from idforge.inference.export import load_exported
 from idforge.inference.sampling import SamplingConfig, sample
+from PIL import Image
 
 
 def _load_reference(path: Path, resolution: int, landmarks, crop_scale: float):

@@ -7,10 +7,9 @@ Every YAML under ``configs/train/`` maps 1:1 to the two classes' constructor arg
 
 from __future__ import annotations
 
-from lightning.pytorch.cli import LightningCLI
-
 from idforge.train.data import ShardDataModule
 from idforge.train.module import IdentityDiffusionModule
+from lightning.pytorch.cli import LightningCLI
 
 
 def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:

@@ -13,19 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 # Words of attribute captions (SynthID, CelebA-style sentences) and common English.
-DEFAULT_WORDS = """
-a an the of with and or on in at to from by for is are photo close-up portrait picture image face person
-man woman people his her their this that round oval long square narrow wide heart-shaped broad slim
-large small big tiny medium eyes eye set apart close together nose mouth lips lip thin thick full brows
-brow eyebrows straight arched angled raised hair short bald fringe bun curly wavy black brown blonde red
-grey gray white dark light blue green hazel amber violet skin pale tan olive deep fair smiling smile
-neutral open mouthed surprised expression lit left right top bottom front side lighting bright dim soft
-plain gradient noisy striped stripes background colour color yellow orange purple pink teal beard
-moustache mustache freckles mole glasses sunglasses hat cap mask wearing young old looking head tilted
-turned slightly camera studio outdoor indoor high cheekbones jaw chin pointy double attractive bags
-under bangs receding hairline rosy cheeks sideburns heavy makeup mouth five o'clock shadow earrings
-necklace necktie lipstick chubby goatee no up
-""".split()
+DEFAULT_WORDS = ["a", "an", "the", "of", "with", "and", "or", "on", "in", "at", "to", "from", "by", "for", "is", "are", "photo", "close-up", "portrait", "picture", "image", "face", "person", "man", "woman", "people", "his", "her", "their", "this", "that", "round", "oval", "long", "square", "narrow", "wide", "heart-shaped", "broad", "slim", "large", "small", "big", "tiny", "medium", "eyes", "eye", "set", "apart", "close", "together", "nose", "mouth", "lips", "lip", "thin", "thick", "full", "brows", "brow", "eyebrows", "straight", "arched", "angled", "raised", "hair", "short", "bald", "fringe", "bun", "curly", "wavy", "black", "brown", "blonde", "red", "grey", "gray", "white", "dark", "light", "blue", "green", "hazel", "amber", "violet", "skin", "pale", "tan", "olive", "deep", "fair", "smiling", "smile", "neutral", "open", "mouthed", "surprised", "expression", "lit", "left", "right", "top", "bottom", "front", "side", "lighting", "bright", "dim", "soft", "plain", "gradient", "noisy", "striped", "stripes", "background", "colour", "color", "yellow", "orange", "purple", "pink", "teal", "beard", "moustache", "mustache", "freckles", "mole", "glasses", "sunglasses", "hat", "cap", "mask", "wearing", "young", "old", "looking", "head", "tilted", "turned", "slightly", "camera", "studio", "outdoor", "indoor", "high", "cheekbones", "jaw", "chin", "pointy", "double", "attractive", "bags", "under", "bangs", "receding", "hairline", "rosy", "cheeks", "sideburns", "heavy", "makeup", "mouth", "five", "o'clock", "shadow", "earrings", "necklace", "necktie", "lipstick", "chubby", "goatee", "no", "up"]
 
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 

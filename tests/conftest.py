@@ -13,10 +13,10 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["INSIGHTFACE_HOME"] = os.environ.get("INSIGHTFACE_HOME", "/nonexistent-insightface-home")
 
-import socket  # noqa: E402
+import socket
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 

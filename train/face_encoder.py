@@ -19,11 +19,10 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-
 from idforge.models.arcface_head import ArcFaceHead
 from idforge.models.face_encoder import FaceEncoder
 from idforge.models.iresnet import IResNet, IResNetConfig
+from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
-
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.losses import IdentityLoss, IdentityLossConfig, diffusion_target, predict_x0
+from lightning.pytorch.cli import OptimizerCallable
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,14 @@ class IdentityDiffusionModule(L.LightningModule):
         if drop and self.text_drop_prob > 0:
             keep = torch.rand(len(captions)) >= self.text_drop_prob
             captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        text = model.encode_text(captions)
+        if "text_states" in batch:  # cached by `idforge cache`; dropped captions get the empty prompt's states
+            text = batch["text_states"].to(self.device)
+            dropped = [i for i, c in enumerate(captions) if c == "" and batch["caption"][i] != ""]
+            if dropped:
+                text = text.clone()
+                text[dropped] = model.encode_text([""]).to(text.dtype)
+        else:
+            text = model.encode_text(captions)
         if drop and self.id_drop_prob > 0:
             keep = (torch.rand(e_arc.shape[0], device=e_arc.device) >= self.id_drop_prob).float()
             e_arc = e_arc * keep[:, None]
@@ -94,8 +100,11 @@ class IdentityDiffusionModule(L.LightningModule):
     def _losses(self, batch: dict, generator: torch.Generator | None = None, drop: bool = True) -> dict:
         model = self.model
         images = batch["image"]
-        with torch.no_grad():
-            latents = model.codec.encode(images, generator=generator)
+        if "latent" in batch:  # cached by `idforge cache` (the VAE posterior mean)
+            latents = batch["latent"].to(images.dtype)
+        else:
+            with torch.no_grad():
+                latents = model.codec.encode(images, generator=generator)
         sched = model.scheduler
         T = sched.config.num_train_timesteps
         b = latents.shape[0]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from idforge.data_pipeline.synthid import SynthIDConfig, write_synthid_folder
 
 

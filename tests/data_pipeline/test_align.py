@@ -6,9 +6,13 @@ import math
 
 import numpy as np
 import pytest
-
-from idforge.data_pipeline.align import (ARCFACE_TEMPLATE, align_face, estimate_similarity, template_for,
-                                         transform_points)
+from idforge.data_pipeline.align import (
+    ARCFACE_TEMPLATE,
+    align_face,
+    estimate_similarity,
+    template_for,
+    transform_points,
+)
 
 
 def _similarity(scale, angle, tx, ty):

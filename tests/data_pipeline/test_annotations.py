@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from idforge.data_pipeline.annotations import load_annotations
 from idforge.data_pipeline.caption import CELEBA_ATTRIBUTES
 from idforge.data_pipeline.curate import CurateConfig, run_curation

@@ -10,11 +10,10 @@ import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
+from PIL import Image
 
 
 def _png(img, **kw):

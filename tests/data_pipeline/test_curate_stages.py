@@ -6,7 +6,6 @@ import json
 
 import pytest
 import webdataset as wds
-
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 

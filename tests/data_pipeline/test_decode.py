@@ -6,9 +6,8 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from idforge.data_pipeline.decode import DecodeError, decode_image
+from PIL import Image
 
 
 def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:

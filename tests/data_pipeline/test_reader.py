@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
+from torch.utils.data import DataLoader
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def test_group_mode_gives_one_to_four_references_and_pads_in_batches(shards):
 
 
 def test_shuffling_is_seeded_and_the_stream_repeats(shards):
-    ids = lambda seed: [it["identity"] for _, it in zip(range(30), make_identity_dataset(  # noqa: E731
+    ids = lambda seed: [it["identity"] for _, it in zip(range(30), make_identity_dataset(
         shards, resolution=32, shuffle_buffer=8, seed=seed))]
     assert ids(0) == ids(0) and ids(0) != ids(1)
     assert len(ids(0)) == 30  # more than one pass

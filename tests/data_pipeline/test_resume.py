@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import webdataset as wds
-
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 

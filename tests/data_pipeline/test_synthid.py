@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from idforge.data_pipeline.align import align_face, template_for, transform_points
 from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
 

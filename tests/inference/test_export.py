@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from idforge.inference.export import export_generator, load_exported
 from idforge.inference.sampling import SamplingConfig, sample
 from idforge.models.generator import GeneratorConfig, IdentityGenerator

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from idforge.launch.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,7 +20,7 @@ def demo_out(tmp_path_factory):
 
 def test_help_lists_the_subcommands():
     text = build_parser().format_help()
-    for cmd in ("demo", "curate", "train", "export", "generate", "eval"):
+    for cmd in ("demo", "curate", "cache", "train", "export", "generate", "eval"):
         assert cmd in text
 
 
@@ -51,6 +50,15 @@ def test_curate_command_clusters_with_an_embedder(demo_out, tmp_path, capsys):
                  "--cluster", "unlabelled", "--captioner", "provided"]) == 0
     assert "identity clustering report" in capsys.readouterr().out
     assert (tmp_path / "c" / "cluster_report_train.txt").is_file()
+
+
+def test_cache_command_writes_cached_shards(demo_out, tmp_path, capsys):
+    assert main(["cache", "--shards", str(demo_out / "shards"), "--out", str(tmp_path / "cached"),
+                 "--base", f"tiny:{demo_out / 'zoo'}", "--resolution", "16"]) == 0
+    assert "images encoded" in capsys.readouterr().out
+    import json
+
+    assert json.loads((tmp_path / "cached" / "manifest.json").read_text())["cache"]["resolution"] == 16
 
 
 def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsys):

@@ -7,10 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from idforge.data_pipeline.align import ARCFACE_TEMPLATE, align_face, estimate_similarity, transform_points
-from idforge.models.align_torch import (ARCFACE_TEMPLATE_112, estimate_similarity_torch, template_matrix,
-                                        warp_affine, warp_to_template)
+from idforge.models.align_torch import (
+    ARCFACE_TEMPLATE_112,
+    estimate_similarity_torch,
+    template_matrix,
+    warp_affine,
+    warp_to_template,
+)
 
 
 def _landmarks(seed, noise=0.0):

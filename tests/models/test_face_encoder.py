@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from idforge.models.face_encoder import FaceEncoder
 from idforge.models.iresnet import IResNet, IResNetConfig
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
 

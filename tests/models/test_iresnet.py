@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from idforge.models.iresnet import (ARCHS, IResNet, IResNetConfig, clean_state_dict, config_from_state_dict,
-                                    iresnet18, iresnet50, load_arcface_state_dict)
+from idforge.models.iresnet import (
+    ARCHS,
+    IResNet,
+    IResNetConfig,
+    clean_state_dict,
+    config_from_state_dict,
+    iresnet18,
+    iresnet50,
+    load_arcface_state_dict,
+)
 
 TINY = IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16))
 

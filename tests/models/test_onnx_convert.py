@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from idforge.models.face_encoder import FaceEncoder
 from idforge.models.iresnet import IResNet, IResNetConfig
 from idforge.models.onnx_convert import convert, onnx_to_iresnet

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from idforge.models import zoo
 
 

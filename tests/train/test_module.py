@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
-
 from idforge.models.generator import GeneratorConfig
 from idforge.models.losses import IdentityLossConfig
 from idforge.models.zoo import ZooSpec
 from idforge.train.module import IdentityDiffusionModule
+from torch.utils.data import DataLoader
 
 _LMS = torch.tensor([[11.0, 14.0], [21.0, 14.0], [16.0, 19.0], [12.0, 25.0], [20.0, 25.0]])
 
