@@ -1,6 +1,7 @@
 """The curation job: raw photos -> identity-grouped webdataset shards + ``manifest.json``.
 
-Stage 1, per work unit (parallel, resumable): decode -> detect -> filter -> align (the 112 ArcFace
+Stage 1, per work unit (parallel, resumable): decode -> detect (``detect_batch_size`` images at a
+time) -> filter -> align (the 112 ArcFace
 crop and the training crop) -> occlusion test (optional, CLIP zero-shot on the training crops) ->
 caption (the ``captioner`` backend) -> embed. The input listing is sorted and cut into contiguous units
 of ``unit_size`` files; worker ``rank`` of ``world_size`` takes units ``rank, rank + world, ...``.
@@ -62,6 +63,8 @@ class CurateConfig:
     max_group_size: int = 16
     groups_per_shard: int = 1000
     jpeg_quality: int = 95
+    detect_batch_size: int = 32
+    """Decoded images handed to the detector at once (insightface runs them as one batch)."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     filters: FilterConfig = field(default_factory=FilterConfig)
     occlusion_model: str | None = None
@@ -88,8 +91,8 @@ class CurateConfig:
         if self.cluster and not self.embedder:
             raise ValueError(f"cluster={self.cluster!r} needs face embeddings: set embedder (a face-encoder folder, "
                              "backbone.pth or recognition .onnx)")
-        if self.unit_size < 1 or self.resolution < 16 or self.max_group_size < 1:
-            raise ValueError("unit_size, max_group_size must be >= 1 and resolution >= 16")
+        if self.unit_size < 1 or self.resolution < 16 or self.max_group_size < 1 or self.detect_batch_size < 1:
+            raise ValueError("unit_size, max_group_size, detect_batch_size must be >= 1 and resolution >= 16")
         if self.rank is None:
             self.rank = int(os.environ.get("RANK", os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
         if self.world_size is None:
@@ -132,6 +135,29 @@ def _tools(cfg: CurateConfig) -> dict:
     return _STATE
 
 
+def _accept(cfg: CurateConfig, item, image: np.ndarray, detections, accepted: list, rejects: dict, crops: list,
+            crops112: list) -> None:
+    """Filter one decoded image's detections; align and record it, or record why it was rejected."""
+    det, reason = check_face(image, detections, cfg.filters)
+    if reason:
+        rejects[item.key] = reason
+        return
+    crop112, _ = align_face(image, det.landmarks, size=112, scale=1.0)
+    crop, matrix = align_face(image, det.landmarks, size=cfg.resolution, scale=cfg.crop_scale)
+    box = transform_points(det.box.reshape(2, 2), matrix).reshape(-1)
+    meta = item.meta
+    identity = meta.get("identity") or meta.get("person") or Path(item.key).stem
+    accepted.append({
+        "source": item.key, "identity": str(identity), "split": meta.get("split", "train"),
+        "caption": meta.get("caption", ""), "attributes": meta.get("attributes", {}),
+        "landmarks": transform_points(det.landmarks, matrix).round(3).tolist(),
+        "box": [round(float(v), 3) for v in box], "score": round(det.score, 4),
+        "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
+    })
+    crops.append(crop)
+    crops112.append(crop112)
+
+
 def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
     """Run stage 1 on one unit and commit it atomically; returns the unit folder."""
     root = Path(cfg.output) / UNITS
@@ -146,35 +172,28 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
     tmp = root / f".unit-{unit:06d}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     accepted, rejects, crops, crops112 = [], {}, [], []
+    decoded = []  # (item, image) of the current detection batch
+
+    def flush():
+        detections = tools["detector"].detect_batch([im for _, im in decoded], [it.meta for it, _ in decoded])
+        for (it, image), dets in zip(decoded, detections):
+            _accept(cfg, it, image, dets, accepted, rejects, crops, crops112)
+        decoded.clear()
+
     for i in span:
         item = items[i]
         if item.reject:
             rejects[item.key] = item.reject
             continue
         try:
-            image = decode_image(item.read(), item.key, cfg.max_pixels)
+            decoded.append((item, decode_image(item.read(), item.key, cfg.max_pixels)))
         except DecodeError as exc:
             log.info("skipped %s", exc)
             rejects[item.key] = exc.reason
-            continue
-        det, reason = check_face(image, tools["detector"].detect(image, item.meta), cfg.filters)
-        if reason:
-            rejects[item.key] = reason
-            continue
-        crop112, _ = align_face(image, det.landmarks, size=112, scale=1.0)
-        crop, matrix = align_face(image, det.landmarks, size=cfg.resolution, scale=cfg.crop_scale)
-        box = transform_points(det.box.reshape(2, 2), matrix).reshape(-1)
-        meta = item.meta
-        identity = meta.get("identity") or meta.get("person") or Path(item.key).stem
-        accepted.append({
-            "source": item.key, "identity": str(identity), "split": meta.get("split", "train"),
-            "caption": meta.get("caption", ""), "attributes": meta.get("attributes", {}),
-            "landmarks": transform_points(det.landmarks, matrix).round(3).tolist(),
-            "box": [round(float(v), 3) for v in box], "score": round(det.score, 4),
-            "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
-        })
-        crops.append(crop)
-        crops112.append(crop112)
+        if len(decoded) >= cfg.detect_batch_size:
+            flush()
+    if decoded:
+        flush()
     if tools["occlusion"] is not None and crops:
         occluded = tools["occlusion"].flags([Image.fromarray(c) for c in crops])
         for rec in (r for r, o in zip(accepted, occluded) if o):

@@ -82,3 +82,23 @@ def test_labelled_clustering_drops_images_far_from_the_indicator(synthid_folder,
 def test_clustering_needs_an_embedder(tmp_path):
     with pytest.raises(ValueError, match="embedder"):
         CurateConfig(input=str(tmp_path), output=str(tmp_path / "o"), cluster="unlabelled")
+
+
+def test_detector_receives_batches(synthid_folder, tmp_path, monkeypatch):
+    from idforge.data_pipeline import curate
+    from idforge.data_pipeline.detect import LandmarksDetector
+
+    sizes = []
+
+    class Counting(LandmarksDetector):
+        def detect_batch(self, images, provideds=None):
+            sizes.append(len(images))
+            return super().detect_batch(images, provideds)
+
+    monkeypatch.setattr(curate, "make_detector", lambda name, **kw: Counting())
+    curate._STATE.clear()
+    cfg = CurateConfig(input=str(synthid_folder), output=str(tmp_path / "o"), resolution=32, unit_size=16,
+                       detect_batch_size=5, filters=FilterConfig(**LOOSE))
+    assert run_curation(cfg)["images_accepted"] == 24
+    curate._STATE.clear()
+    assert sizes == [5, 5, 5, 1, 5, 3]  # units of 16 and 8 files, cut into batches of 5
