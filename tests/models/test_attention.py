@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from idforge.models.attention import (
     IdentityAttnProcessor,
@@ -22,21 +21,11 @@ from idforge.models.attention import (
 )
 from safetensors.torch import save_file
 
+from tests.models._tiny import tiny_unet
+
 
 def _unet():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        norm_num_groups=8,
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+    unet = tiny_unet(cross_attention_first=True)
     unet.set_attn_processor(AttnProcessor2_0())
     return unet
 

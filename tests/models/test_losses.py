@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 from idforge.models.adapter import DiffIDAdapter
 from idforge.models.align_torch import warp_to_template
 from idforge.models.codec import VaeCodec
@@ -25,6 +25,8 @@ SCHED = DDPMScheduler(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
 )
 LMS = torch.tensor([[24.0, 28.0], [40.0, 28.0], [32.0, 38.0], [25.0, 47.0], [39.0, 47.0]])  # a face in 64 px
+
+from tests.models._tiny import tiny_unet
 
 
 def _face_encoder():
@@ -187,19 +189,7 @@ def test_a_face_window_shifts_landmarks_and_sees_the_same_aligned_face(scale):
 
 
 def _tiny_models():
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(cross_attention_first=False)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
