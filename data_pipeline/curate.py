@@ -94,9 +94,9 @@ class CurateConfig:
         if self.unit_size < 1 or self.resolution < 16 or self.max_group_size < 1 or self.detect_batch_size < 1:
             raise ValueError("unit_size, max_group_size, detect_batch_size must be >= 1 and resolution >= 16")
         if self.rank is None:
-            self.rank = int(os.environ.get("RANK", os.environ.get("SLURM_ARRAY_TASK_ID", 0)))
+            self.rank = int(os.environ.get("RANK", os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
         if self.world_size is None:
-            self.world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)))
+            self.world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
 
@@ -106,7 +106,7 @@ def _code_version() -> str:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()
+                                capture_output=True, text=True, timeout=5, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__

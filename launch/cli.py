@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests and smoke checks)")
     d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 600, quick: 4)")
+    d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 500, quick: 4)")
     d.add_argument("--identity-loss", type=float, default=None, metavar="LAMBDA",
                    help="train with the time-weighted ArcFace identity loss at this weight (default: off)")
     d.set_defaults(func=_demo)

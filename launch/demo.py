@@ -38,7 +38,7 @@ class DemoConfig:
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
     face_epochs: int = 5
     face_batch_size: int = 64
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
     adapter: dict = field(default_factory=lambda: {"variant": "final", "input_layernorm": True,

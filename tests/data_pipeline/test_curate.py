@@ -109,8 +109,8 @@ def test_groups_are_split_at_max_group_size(synthid_folder, tmp_path):
 
 
 def test_workers_split_units_and_the_last_one_finalizes(synthid_folder, tmp_path):
-    kw = dict(input=str(synthid_folder), output=str(tmp_path / "o"), resolution=32, unit_size=5,
-              filters=FilterConfig(min_resolution=16, min_face_px=4))
+    kw = {"input": str(synthid_folder), "output": str(tmp_path / "o"), "resolution": 32, "unit_size": 5,
+              "filters": FilterConfig(min_resolution=16, min_face_px=4)}
     assert run_curation(CurateConfig(rank=0, world_size=2, **kw)) is None
     m = run_curation(CurateConfig(rank=1, world_size=2, **kw))
     assert m["images_accepted"] == 24

@@ -16,7 +16,7 @@ def test_rendering_is_deterministic_and_independent_of_order():
     a = SynthID(CFG).render(5, 2)
     b = SynthID(CFG).render(5, 2)
     assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
-    in_pass = [s for s in SynthID(CFG).samples() if s.identity == 5 and s.index == 2][0]
+    in_pass = next(s for s in SynthID(CFG).samples() if s.identity == 5 and s.index == 2)
     assert np.array_equal(np.asarray(a.image), np.asarray(in_pass.image))
     assert np.allclose(a.landmarks, in_pass.landmarks) and a.caption == in_pass.caption
 

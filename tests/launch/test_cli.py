@@ -73,7 +73,7 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
     assert main(["export", "--checkpoint", str(ckpts[-1]), "--out", str(tmp_path / "model")]) == 0
     assert (tmp_path / "model" / "model_index.json").is_file()
 
-    ref = sorted((demo_out / "synthid").rglob("*.png"))[0]
+    ref = min((demo_out / "synthid").rglob("*.png"))
     lms = json.loads((demo_out / "synthid" / "landmarks.jsonl").read_text().splitlines()[0])["landmarks"]
     assert main(["generate", "--model", str(tmp_path / "model"), "--reference", str(ref),
                  "--landmarks", json.dumps(lms), "--prompt", "a photo of a person", "--prompt", "a face",

@@ -71,8 +71,8 @@ def test_named_constructors_and_aliases_agree():
         IResNetConfig.named("r200")
 
 
-@pytest.mark.parametrize("kw,match", [(dict(layers=(1, 1, 1)), "4 stages"), (dict(widths=(4, 8, 0, 8)), "positive"),
-                                      (dict(input_size=100), "multiple of 16"), (dict(dropout=1.0), "dropout")])
+@pytest.mark.parametrize("kw,match", [({"layers": (1, 1, 1)}, "4 stages"), ({"widths": (4, 8, 0, 8)}, "positive"),
+                                      ({"input_size": 100}, "multiple of 16"), ({"dropout": 1.0}, "dropout")])
 def test_invalid_configs_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         IResNetConfig(**kw)
