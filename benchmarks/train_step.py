@@ -2,7 +2,8 @@
 
 Random weights built from SD1.5's configs (no download): UNet2DConditionModel (860M), AutoencoderKL,
 the Diff-ID adapter (ViT-H pooled 1024-d CLIP + 512-d ArcFace + 77 x 768 text), IResNet-50 ArcFace.
-Prints step time and peak GPU memory per setting. Usage:
+Prints step time and peak memory per setting (GPU: peak allocated since the setting's warm-up; CPU: the
+process's peak resident set so far, which only grows, so later settings include earlier ones). Usage:
 
     python benchmarks/train_step.py --device cuda --batch 4 --steps 10 [--precision bf16]
 """
@@ -10,6 +11,7 @@ Prints step time and peak GPU memory per setting. Usage:
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -43,7 +45,7 @@ def step_fn(parts, batch, device, dtype, identity: bool, face_window: int | None
     unet, codec, face, adapter, sched = parts
     idl = IdentityLoss(face, IdentityLossConfig(face_window=face_window, latent_scale=8, checkpoint_decoder=True))
     params = list(unet.parameters()) + list(adapter.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.Adam(params, lr=1e-5)  # Diff-ID appendix A.1, as configs/train/sd15_diffid.yaml
     lms = torch.tensor([[190.0, 240.0], [322.0, 240.0], [256.0, 310.0], [200.0, 380.0], [312.0, 380.0]],
                        device=device).expand(batch, 5, 2)
     boxes = torch.tensor([[128.0, 128.0, 384.0, 448.0]], device=device).expand(batch, 4)
@@ -95,8 +97,11 @@ def main():
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / args.steps
-        mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        print(f"{name:<36} {dt * 1000:8.1f} ms/step  peak {mem:6.2f} GiB")
+        if device.type == "cuda":
+            mem, what = torch.cuda.max_memory_allocated() / 2**30, "GPU allocated"
+        else:
+            mem, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process RSS"
+        print(f"{name:<36} {dt * 1000:8.1f} ms/step  peak {mem:6.2f} GiB ({what})", flush=True)
 
 
 if __name__ == "__main__":
