@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="folder written by `idforge export`")
     v.add_argument("--shards", required=True, help="held-out shards (glob or brace pattern)")
     v.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    v.add_argument("--guidance", type=float, default=1.0,
+                   help="classifier-free guidance scale against the null identity (the demo uses 2.0)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--max-identities", type=int, default=200)
     v.add_argument("--out", default=None, help="write the figures as JSON here")

@@ -22,8 +22,9 @@ def run_eval(args) -> dict:
     if len(groups) < 2:
         raise ValueError(f"{args.shards}: need at least 2 identities with 2 photos each, found {len(groups)}")
     lms = torch.as_tensor(template_for(res, float(manifest.get("crop_scale", 1.0))), dtype=torch.float32)
-    fig, _ = identity_benchmark(model, groups, model.face_encoder, SamplingConfig(steps=args.steps, seed=args.seed),
-                                generated_landmarks=lms)
+    sampling = SamplingConfig(steps=args.steps, seed=args.seed, guidance_scale=args.guidance)
+    fig, _ = identity_benchmark(model, groups, model.face_encoder, sampling, generated_landmarks=lms)
+    fig.update(sampling_steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     if args.out:
         Path(args.out).write_text(json.dumps(fig, indent=2))
     return fig

@@ -82,9 +82,10 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
 
     capsys.readouterr()
     assert main(["eval", "--model", str(tmp_path / "model"), "--shards", f"{demo_out / 'shards'}/heldout-*.tar",
-                 "--steps", "2", "--out", str(tmp_path / "fig.json")]) == 0
+                 "--steps", "2", "--guidance", "3", "--out", str(tmp_path / "fig.json")]) == 0
     fig = json.loads((tmp_path / "fig.json").read_text())
     assert {"fs_adapter", "fs_text_only", "fs_same_identity", "fs_different"} <= set(fig)
+    assert (fig["sampling_steps"], fig["guidance_scale"]) == (2, 3.0)
 
 
 def test_generate_reports_a_missing_reference(demo_out, tmp_path):
