@@ -187,10 +187,19 @@ class IdentityLoss(nn.Module):
         self.face_encoder.eval()  # BatchNorm statistics stay those of the pretrained encoder
         return self
 
-    def select(self, timesteps: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sorted indices of the samples the loss is computed on (timestep threshold, then batch fraction)."""
+    def select(
+        self, timesteps: torch.Tensor, generator: torch.Generator | None = None, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Sorted indices of the samples the loss is computed on.
+
+        Eligible: ``active`` (False where the identity input was dropped for classifier-free guidance:
+        such a sample cannot be asked to reproduce an identity it never saw) and below the timestep
+        threshold; of those, the batch fraction.
+        """
         cfg = self.config
         ok = torch.ones_like(timesteps, dtype=torch.bool)
+        if active is not None:
+            ok &= active.to(device=timesteps.device, dtype=torch.bool)
         if cfg.max_timestep is not None:
             ok &= timesteps < cfg.max_timestep
         idx = ok.nonzero().flatten()
@@ -239,6 +248,7 @@ class IdentityLoss(nn.Module):
         reference_embeds: torch.Tensor,
         boxes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
     ) -> IdentityLossOutput:
         """Weighted identity loss of predicted clean latents ``x0_hat`` (B, C, h, w).
 
@@ -250,6 +260,7 @@ class IdentityLoss(nn.Module):
             reference_embeds: (B, 512) ArcFace(x_original); treated as constants.
             boxes: (B, 4) x1, y1, x2, y2 face boxes in pixels (needed for ``face_window``).
             generator: random source of the ``batch_fraction`` choice.
+            active: (B,) bool, False for samples whose identity input was dropped (no identity term).
         """
         cfg = self.config
         b = x0_hat.shape[0]
@@ -257,7 +268,7 @@ class IdentityLoss(nn.Module):
             raise ValueError(
                 f"IdentityLoss: landmarks must be ({b}, 5, 2) pixel coordinates, got {tuple(landmarks.shape)}"
             )
-        idx = self.select(timesteps, generator)
+        idx = self.select(timesteps, generator, active)
         zero = x0_hat.sum() * 0.0  # keeps the graph (and DDP's parameter bookkeeping) when nothing is used
         if len(idx) == 0:
             nan = torch.full((), float("nan"), device=x0_hat.device)

@@ -72,6 +72,8 @@ class IdentityDiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ step
     def _conditioning(self, batch: dict, drop: bool):
+        """(conditioning, id_kept): id_kept is the (B,) bool mask of samples that kept their identity
+        input under identity dropout (None when nothing was dropped)."""
         model = self.model
         captions = list(batch["caption"])
         reference = batch.get("reference", batch["image"])
@@ -91,11 +93,13 @@ class IdentityDiffusionModule(L.LightningModule):
                 text[dropped] = model.encode_text([""]).to(text.dtype)
         else:
             text = model.encode_text(captions)
+        id_kept = None
         if drop and self.id_drop_prob > 0:
-            keep = (torch.rand(e_arc.shape[0], device=e_arc.device) >= self.id_drop_prob).float()
+            id_kept = torch.rand(e_arc.shape[0], device=e_arc.device) >= self.id_drop_prob
+            keep = id_kept.to(e_arc.dtype)
             e_arc = e_arc * keep[:, None]
-            e_clip = e_clip * keep.view(-1, *([1] * (e_clip.dim() - 1)))
-        return model.condition(e_arc, e_clip, text)
+            e_clip = e_clip * keep.view(-1, *([1] * (e_clip.dim() - 1))).to(e_clip.dtype)
+        return model.condition(e_arc, e_clip, text), id_kept
 
     def _losses(self, batch: dict, generator: torch.Generator | None = None, drop: bool = True) -> dict:
         model = self.model
@@ -112,7 +116,7 @@ class IdentityDiffusionModule(L.LightningModule):
         t = torch.randint(0, T, (b,), generator=generator, device=latents.device)
         alphas = sched.alphas_cumprod.to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
-        cond = self._conditioning(batch, drop)
+        cond, id_kept = self._conditioning(batch, drop)
         pred = model.predict(noisy, t, cond)
         target = diffusion_target(noise, latents, t, alphas, model.prediction_type)
         denoise = F.mse_loss(pred.float(), target.float())
@@ -124,7 +128,7 @@ class IdentityDiffusionModule(L.LightningModule):
                 ref, _ = model.identity_embeds(images, batch["landmarks"])
             idl = self.identity_loss(x0_hat=x0_hat, decode=model.codec.decode, timesteps=t,
                                      landmarks=batch["landmarks"].float(), reference_embeds=ref.float(),
-                                     boxes=batch.get("box"), generator=generator)
+                                     boxes=batch.get("box"), generator=generator, active=id_kept)
             out["loss"] = denoise + idl.loss
             if idl.num_used > 0:  # the threshold / fraction knobs can leave a batch without identity terms
                 out.update(identity=idl.id_loss, w_t=idl.weight_mean, id_cos=idl.id_cosine)

@@ -75,3 +75,14 @@ def test_validation_loss_is_reproducible(tiny_zoo):
         a = module._losses(batch, generator=g1, drop=False)["loss"]
         b = module._losses(batch, generator=g2, drop=False)["loss"]
     assert torch.equal(a, b)
+
+
+def test_identity_loss_skips_samples_whose_identity_input_was_dropped(tiny_zoo):
+    module = _module(tiny_zoo, IdentityLossConfig(lambda_id=0.1, k=0.0))
+    batch = _batches(1, b=4)[0]
+    module.id_drop_prob = 1.0  # every identity input dropped: no sample may carry an identity term
+    out = module._losses(batch, drop=True)
+    assert "identity" not in out and torch.equal(out["loss"], out["denoise"])
+    module.id_drop_prob = 0.0
+    out = module._losses(batch, drop=True)
+    assert "identity" in out and out["loss"] > out["denoise"]
