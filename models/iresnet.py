@@ -146,7 +146,7 @@ def clean_state_dict(state: Mapping, source: str = "state dict") -> dict[str, to
     (``module.``, ``backbone.``, ``model.``).
     """
     if not isinstance(state, Mapping):
-        raise ValueError(f"{source}: expected a state dict (mapping of tensors), got {type(state).__name__}")
+        raise TypeError(f"{source}: expected a state dict (mapping of tensors), got {type(state).__name__}")
     for key in _WRAPPER_KEYS:
         if key in state and isinstance(state[key], Mapping):
             state = state[key]
@@ -173,7 +173,7 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     if "fc.weight" not in state:
         raise ValueError(f"{source}: no fc.weight; not an arcface_torch IResNet state dict")
     fc_out, fc_in = (int(v) for v in state["fc.weight"].shape)
-    side = int(round((fc_in / widths[-1]) ** 0.5))
+    side = round((fc_in / widths[-1]) ** 0.5)
     if side * side * widths[-1] != fc_in:
         raise ValueError(f"{source}: fc takes {fc_in} features, not widths[-1] x side^2 for width {widths[-1]}")
     return IResNetConfig(layers=tuple(layers), widths=tuple(widths), embedding_size=fc_out, input_size=side * 16)

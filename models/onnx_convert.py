@@ -248,7 +248,7 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     b.bn("bn2", next(iter(head.values())))
     b.bn("features", features if features is not None else _identity_bn(np.zeros(w.shape[0], np.float32)))
 
-    side = int(round((w.shape[1] / widths[-1]) ** 0.5))
+    side = round((w.shape[1] / widths[-1]) ** 0.5)
     cfg = IResNetConfig(layers=tuple(layers), widths=tuple(widths), embedding_size=int(w.shape[0]), input_size=side * 16)
     model = IResNet(cfg)
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in b.state.items()}

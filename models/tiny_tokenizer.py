@@ -10,6 +10,7 @@ other text still tokenizes (into smaller pieces).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 # Words of attribute captions (SynthID, CelebA-style sentences) and common English.
@@ -37,7 +38,7 @@ def _apply_bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[st
     """Greedy lowest-rank-first BPE, as CLIP's tokenizer applies it."""
     pieces = list(symbols)
     while len(pieces) > 1:
-        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(zip(pieces, pieces[1:]))]
+        pairs = [(ranks.get((a, b)), i) for i, (a, b) in enumerate(itertools.pairwise(pieces))]
         best = min((r, i) for r, i in pairs if r is not None) if any(r is not None for r, _ in pairs) else None
         if best is None:
             break

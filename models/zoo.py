@@ -302,7 +302,7 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     import os
 
     base = spec.base or ""
-    if not (base == TINY_PREFIX or base.startswith(TINY_PREFIX + "-") or base.startswith(TINY_PREFIX + ":")):
+    if not (base == TINY_PREFIX or base.startswith((TINY_PREFIX + "-", TINY_PREFIX + ":"))):
         return spec
     name, _, folder = base.partition(":")
     codec = PIXEL if name == f"{TINY_PREFIX}-{PIXEL}" else "vae"
