@@ -19,7 +19,6 @@ skips the shards that exist. The input shards are never modified (``out`` must d
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -29,13 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .shards import npy_bytes
+
 log = logging.getLogger(__name__)
-
-
-def _npy(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
 
 
 class _Encoders:
@@ -84,7 +79,7 @@ def _cache_one(url: Path, dest: Path, enc: _Encoders, resolution: int, batch_siz
             meta["cache"] = {"resolution": resolution, "latent_shape": list(lat.shape[1:]),
                              "text_shape": list(txt.shape[1:]), **enc.names}
             out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
-            out.update({"meta.json": json.dumps(meta).encode(), "lat.npy": _npy(lat), "txt.npy": _npy(txt)})
+            out.update({"meta.json": json.dumps(meta).encode(), "lat.npy": npy_bytes(lat), "txt.npy": npy_bytes(txt)})
             sink.write(out)
             n += len(items)
     os.replace(tmp, dest)

@@ -39,7 +39,8 @@ class IdentityGroup:
     images: list[GroupImage] = field(default_factory=list)
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as the bytes of a ``.npy`` file (no pickles), the encoding of every array in a shard."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
@@ -55,10 +56,10 @@ def group_sample(group: IdentityGroup) -> dict:
         centre = emb.mean(0)
         centre /= np.linalg.norm(centre) + 1e-12
         meta["centre"] = [round(float(v), 5) for v in centre]
-        sample["emb.npy"] = _npy(emb.astype(np.float16))
+        sample["emb.npy"] = npy_bytes(emb.astype(np.float16))
     lats = [im.latent for im in group.images]
     if all(v is not None for v in lats) and lats:
-        sample["lat.npy"] = _npy(np.stack(lats).astype(np.float16))
+        sample["lat.npy"] = npy_bytes(np.stack(lats).astype(np.float16))
     for i, im in enumerate(group.images):
         sample[f"{i:03d}.jpg"] = im.jpeg
     sample["meta.json"] = json.dumps(meta).encode()
