@@ -139,10 +139,15 @@ class IdentityGenerator(nn.Module):
             if landmarks is None:
                 raise ValueError("identity_embeds needs the references' 5-point landmarks or precomputed "
                                  "ArcFace embeddings")
-            crops = warp_to_template(references.float(), landmarks.float(), out_size=112)
-            arcface_embeds = self.face_encoder(crops)
+            arcface_embeds = self.face_embeds(references, landmarks)
         clip_embeds = self.image_encoder(references)
         return arcface_embeds.float(), clip_embeds.float()
+
+    def face_embeds(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """ArcFace embeddings (B, 512) of ``images`` (B, 3, H, W) in [-1, 1], each cut to the 112 x 112
+        template with its 5 landmarks (pixel coordinates)."""
+        crops = warp_to_template(images.float(), landmarks.float(), out_size=112)
+        return self.face_encoder(crops).float()
 
     def condition(self, arcface_embeds: torch.Tensor, clip_embeds: torch.Tensor,
                   text_states: torch.Tensor) -> IdentityConditioning:

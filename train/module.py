@@ -125,7 +125,7 @@ class IdentityDiffusionModule(L.LightningModule):
             x0_hat = predict_x0(pred, noisy, t, alphas, model.prediction_type)
             ref = batch.get("embedding")
             if ref is None:
-                ref, _ = model.identity_embeds(images, batch["landmarks"])
+                ref = model.face_embeds(images, batch["landmarks"])
             idl = self.identity_loss(x0_hat=x0_hat, decode=model.codec.decode, timesteps=t,
                                      landmarks=batch["landmarks"].float(), reference_embeds=ref.float(),
                                      boxes=batch.get("box"), generator=generator, active=id_kept)

@@ -41,6 +41,8 @@ def test_conditioning_and_prediction_shapes(tiny_zoo):
     lms = torch.tensor([[11.0, 14.0], [21.0, 14.0], [16.0, 19.0], [12.0, 25.0], [20.0, 25.0]]).expand(2, 5, 2)
     e_arc, e_clip = model.identity_embeds(refs, lms)
     assert e_arc.shape == (2, 512) and e_clip.shape == (2, model.image_encoder.output_dim)
+    with torch.no_grad():
+        assert torch.allclose(model.face_embeds(refs, lms), e_arc)  # the ArcFace half, without CLIP
     cond = model.condition(e_arc, e_clip, model.encode_text(["a photo", "a face"]))
     assert cond.context.shape[0] == 2 and cond.context.shape[-1] == model.unet.config.cross_attention_dim
     z = model.codec.encode(refs)
