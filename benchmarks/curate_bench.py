@@ -40,8 +40,11 @@ def _rate(fn, items: int, repeat: int = 1) -> float:
 def synthid_inputs(n: int, resolution: int):
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
 
-    sid = SynthID(SynthIDConfig(num_identities=max(2, n // 8), images_per_identity=8, resolution=resolution,
-                                heldout_identities=0))
+    sid = SynthID(
+        SynthIDConfig(
+            num_identities=max(2, n // 8), images_per_identity=8, resolution=resolution, heldout_identities=0
+        )
+    )
     samples = [sid.render(i // 8, i % 8) for i in range(n)]
     blobs = []
     for s in samples:
@@ -62,8 +65,10 @@ def cpu_stages(args) -> dict:
     from idforge.models.iresnet import IResNet, IResNetConfig
 
     samples, blobs = synthid_inputs(args.n, args.resolution)
-    metas = [{"landmarks": s.landmarks, "box": s.box, "attributes": {"Male": 1, "Smiling": 1, "Young": -1}}
-             for s in samples]
+    metas = [
+        {"landmarks": s.landmarks, "box": s.box, "attributes": {"Male": 1, "Smiling": 1, "Young": -1}}
+        for s in samples
+    ]
     images = [decode_image(b) for b in blobs]
     out = {"decode": _rate(lambda: [decode_image(b) for b in blobs], len(blobs))}
     det = make_detector("landmarks")
@@ -79,8 +84,13 @@ def cpu_stages(args) -> dict:
     dets = det.detect_batch(images, metas)
     cfg = FilterConfig(min_resolution=32, min_face_px=8, min_sharpness=1.0)
     out["filter"] = _rate(lambda: [check_face(im, d, cfg) for im, d in zip(images, dets)], len(images))
-    out["align_112_and_512"] = _rate(lambda: [(align_face(im, d[0].landmarks, 112), align_face(im, d[0].landmarks, 512))
-                                              for im, d in zip(images, dets)], len(images))
+    out["align_112_and_512"] = _rate(
+        lambda: [
+            (align_face(im, d[0].landmarks, 112), align_face(im, d[0].landmarks, 512))
+            for im, d in zip(images, dets)
+        ],
+        len(images),
+    )
     crops = np.stack([align_face(im, d[0].landmarks, 112)[0] for im, d in zip(images, dets)])
     enc = FaceEncoder(IResNet(IResNetConfig.named(args.embed_arch))).freeze()
     out[f"embed_{args.embed_arch}"] = _rate(lambda: enc.embed_uint8(crops, batch_size=32), len(crops))
@@ -93,8 +103,9 @@ def cpu_stages(args) -> dict:
         pil = [s.image for s in samples]
         out["caption_blip_tiny"] = _rate(lambda: blip.caption(pil), len(pil))
     emb = np.random.default_rng(0).normal(size=(args.cluster_n, 512)).astype(np.float32)
-    out[f"cluster_unlabelled_{args.cluster_n}"] = _rate(lambda: cluster_unlabelled(emb, 0.5, chunk=4096),
-                                                        args.cluster_n)
+    out[f"cluster_unlabelled_{args.cluster_n}"] = _rate(
+        lambda: cluster_unlabelled(emb, 0.5, chunk=4096), args.cluster_n
+    )
     return out
 
 
@@ -118,7 +129,7 @@ class RandomSCRFD(nn.Module):
             outs.append(head(x))  # (B, 30, h, w)
         b = x.shape[0]
         flat = [o.permute(0, 2, 3, 1).reshape(b, -1, 15) for o in outs]  # (B, h*w*2, 15)
-        return ([f[..., :1].sigmoid() for f in flat] + [f[..., 1:5] for f in flat] + [f[..., 5:] for f in flat])
+        return [f[..., :1].sigmoid() for f in flat] + [f[..., 1:5] for f in flat] + [f[..., 5:] for f in flat]
 
 
 def full_model_stages(args) -> dict:
@@ -147,23 +158,46 @@ def full_model_stages(args) -> dict:
 
     out["detect_scrfd_shaped_640"] = _rate(detect, args.batch, args.repeat)
     out["embed_r100"] = _rate(embed, args.batch, args.repeat)
-    out["detect_plus_embed_faces_per_s"] = 1.0 / (1.0 / out["detect_scrfd_shaped_640"] + 1.0 / out["embed_r100"])
-    vision = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
-                  "image_size": 384, "patch_size": 16}
-    text = {"vocab_size": 30524, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                "intermediate_size": 3072}  # Salesforce/blip-image-captioning-large's config values
-    blip = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).to(dev, dtype).eval()
+    out["detect_plus_embed_faces_per_s"] = 1.0 / (
+        1.0 / out["detect_scrfd_shaped_640"] + 1.0 / out["embed_r100"]
+    )
+    vision = {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "image_size": 384,
+        "patch_size": 16,
+    }
+    text = {
+        "vocab_size": 30524,
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+    }  # Salesforce/blip-image-captioning-large's config values
+    blip = (
+        BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).to(dev, dtype).eval()
+    )
     blip.generation_config.eos_token_id = None  # random weights: run every caption to full length
     pix = torch.randn(args.caption_batch, 3, 384, 384, device=dev, dtype=dtype)
     tc = blip.config.text_config
-    prompt = torch.tensor([[tc.bos_token_id, tc.sep_token_id]], device=dev).expand(args.caption_batch, 2)  # generate drops [SEP]
+    prompt = torch.tensor([[tc.bos_token_id, tc.sep_token_id]], device=dev).expand(
+        args.caption_batch, 2
+    )  # generate drops [SEP]
 
     @torch.no_grad()
     def caption():
-        blip.generate(pixel_values=pix, input_ids=prompt, max_new_tokens=args.caption_tokens,
-                      min_new_tokens=args.caption_tokens)
+        blip.generate(
+            pixel_values=pix,
+            input_ids=prompt,
+            max_new_tokens=args.caption_tokens,
+            min_new_tokens=args.caption_tokens,
+        )
 
-    out[f"blip_large_captions_per_s_{args.caption_tokens}tok"] = _rate(caption, args.caption_batch, args.repeat)
+    out[f"blip_large_captions_per_s_{args.caption_tokens}tok"] = _rate(
+        caption, args.caption_batch, args.repeat
+    )
     if dev.startswith("cuda"):
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
@@ -183,7 +217,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--caption-tokens", type=int, default=30)
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--full-models", action="store_true", help="run the full-size model path on --device cpu too")
+    ap.add_argument(
+        "--full-models", action="store_true", help="run the full-size model path on --device cpu too"
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     result = {"device": args.device, "torch_threads": torch.get_num_threads()}

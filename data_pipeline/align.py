@@ -56,8 +56,9 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return (pts @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
 
 
-def align_face(image, landmarks: np.ndarray, size: int = ARCFACE_SIZE, scale: float = 1.0,
-               border: str = "reflect") -> tuple[np.ndarray, np.ndarray]:
+def align_face(
+    image, landmarks: np.ndarray, size: int = ARCFACE_SIZE, scale: float = 1.0, border: str = "reflect"
+) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (H, W, 3) uint8 (or PIL) so its 5 landmarks land on the template.
 
     Returns the aligned (size, size, 3) uint8 crop and the (2, 3) matrix from image to crop
@@ -72,9 +73,14 @@ def align_face(image, landmarks: np.ndarray, size: int = ARCFACE_SIZE, scale: fl
     if lms.shape != (5, 2):
         raise ValueError(f"align_face expects 5 landmarks, got {lms.shape[0]}")
     matrix = estimate_similarity(lms, template_for(size, scale))
-    modes = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
+    modes = {
+        "reflect": cv2.BORDER_REFLECT_101,
+        "constant": cv2.BORDER_CONSTANT,
+        "replicate": cv2.BORDER_REPLICATE,
+    }
     if border not in modes:
         raise ValueError(f"border must be one of {sorted(modes)}, got {border!r}")
-    out = cv2.warpAffine(np.ascontiguousarray(arr), matrix, (size, size), flags=cv2.INTER_LINEAR,
-                         borderMode=modes[border])
+    out = cv2.warpAffine(
+        np.ascontiguousarray(arr), matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=modes[border]
+    )
     return out, matrix

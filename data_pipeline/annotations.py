@@ -33,8 +33,9 @@ CELEBA_LANDMARKS = ("list_landmarks_celeba.txt", "list_landmarks_align_celeba.tx
 CELEBA_IDENTITY = "identity_CelebA.txt"
 CELEBA_HQ_MAPPING = "CelebA-HQ-to-CelebA-mapping.txt"
 FFHQ_JSON = "ffhq-dataset-v2.json"
-ANNOTATION_FILES = frozenset({SIDECAR, *CELEBA_ATTRS, *CELEBA_LANDMARKS, CELEBA_IDENTITY, CELEBA_HQ_MAPPING,
-                              FFHQ_JSON})
+ANNOTATION_FILES = frozenset(
+    {SIDECAR, *CELEBA_ATTRS, *CELEBA_LANDMARKS, CELEBA_IDENTITY, CELEBA_HQ_MAPPING, FFHQ_JSON}
+)
 
 
 @dataclass
@@ -67,7 +68,9 @@ def _table(path: Path, min_fields: int) -> tuple[list[str] | None, list[list[str
         header, lines = lines[0], lines[1:]
     for n, row in enumerate(lines, 1):
         if len(row) < min_fields:
-            raise ValueError(f"{path}: row {n} has {len(row)} fields, expected at least {min_fields}: {row[:4]}")
+            raise ValueError(
+                f"{path}: row {n} has {len(row)} fields, expected at least {min_fields}: {row[:4]}"
+            )
     return header, lines
 
 
@@ -91,12 +94,17 @@ def _read_celeba(root: Path, ann: Annotations) -> None:
             continue
         header, rows = _table(path, 2)
         if header is None or set(header) - set(CELEBA_ATTRIBUTES):
-            raise ValueError(f"{path}: the header line is not CelebA's attribute list (got {(header or [])[:4]}...)")
+            raise ValueError(
+                f"{path}: the header line is not CelebA's attribute list (got {(header or [])[:4]}...)"
+            )
         for row in rows:
             if len(row) != len(header) + 1:
                 raise ValueError(f"{path}: {row[0]} has {len(row) - 1} values for {len(header)} attributes")
-            ann.add(row[0], {"attributes": {a: 1 if int(v) > 0 else -1 for a, v in zip(header, row[1:])}},
-                    by_name=True)
+            ann.add(
+                row[0],
+                {"attributes": {a: 1 if int(v) > 0 else -1 for a, v in zip(header, row[1:])}},
+                by_name=True,
+            )
         ann.sources.append(name)
     for name in CELEBA_LANDMARKS:
         path = root / name
@@ -104,7 +112,7 @@ def _read_celeba(root: Path, ann: Annotations) -> None:
             _, rows = _table(path, 11)
             for row in rows:
                 pts = [float(v) for v in row[1:11]]
-                ann.add(row[0], {"landmarks": [pts[i:i + 2] for i in range(0, 10, 2)]}, by_name=True)
+                ann.add(row[0], {"landmarks": [pts[i : i + 2] for i in range(0, 10, 2)]}, by_name=True)
             ann.sources.append(name)
     ident_path = root / CELEBA_IDENTITY
     identities = {}
@@ -133,7 +141,7 @@ def _read_ffhq(root: Path, ann: Annotations) -> None:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    for idx, rec in (records.items() if isinstance(records, dict) else enumerate(records)):
+    for idx, rec in records.items() if isinstance(records, dict) else enumerate(records):
         for part in ("image", "thumbnail", "in_the_wild"):
             sub = rec.get(part) if isinstance(rec, dict) else None
             if not sub or "file_path" not in sub:
@@ -141,7 +149,9 @@ def _read_ffhq(root: Path, ann: Annotations) -> None:
             lms = sub.get("face_landmarks")
             image = rec.get("image") or {}
             if part == "thumbnail" and lms is None and image.get("face_landmarks") and sub.get("pixel_size"):
-                scale = sub["pixel_size"][0] / image.get("pixel_size", [1024])[0]  # thumbnails: downscaled image
+                scale = (
+                    sub["pixel_size"][0] / image.get("pixel_size", [1024])[0]
+                )  # thumbnails: downscaled image
                 lms = [[x * scale, y * scale] for x, y in image["face_landmarks"]]
             meta = {"ffhq_index": int(idx)}
             if lms is not None:

@@ -46,8 +46,11 @@ class _Encoders:
         self.text_encoder = zoo_lib.load_text_encoder(spec).to(device).eval()
         self.tokenizer = zoo_lib.load_tokenizer(spec)
         self.device, self.dtype = device, dtype
-        self.names = {"codec": type(self.codec).__name__, "vae": str(spec.vae or spec.base),
-                      "text_encoder": str(spec.text_encoder or spec.base)}
+        self.names = {
+            "codec": type(self.codec).__name__,
+            "vae": str(spec.vae or spec.base),
+            "text_encoder": str(spec.text_encoder or spec.base),
+        }
 
     @torch.no_grad()
     def latents(self, images: torch.Tensor) -> np.ndarray:
@@ -57,8 +60,13 @@ class _Encoders:
 
     @torch.no_grad()
     def text(self, captions: list[str]) -> np.ndarray:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         return self.text_encoder(ids)[0].float().cpu().numpy().astype(np.float16)
 
 
@@ -73,21 +81,37 @@ def _cache_one(url: Path, dest: Path, enc: _Encoders, resolution: int, batch_siz
         for sample in wds.WebDataset(str(url), shardshuffle=False, empty_check=False):
             items = decode_group(sample, resolution)
             images = torch.stack([it["image"] for it in items])
-            lat = np.concatenate([enc.latents(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+            lat = np.concatenate(
+                [enc.latents(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+            )
             txt = enc.text([it["caption"] for it in items])
             meta = json.loads(sample["meta.json"])
-            meta["cache"] = {"resolution": resolution, "latent_shape": list(lat.shape[1:]),
-                             "text_shape": list(txt.shape[1:]), **enc.names}
+            meta["cache"] = {
+                "resolution": resolution,
+                "latent_shape": list(lat.shape[1:]),
+                "text_shape": list(txt.shape[1:]),
+                **enc.names,
+            }
             out = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
-            out.update({"meta.json": json.dumps(meta).encode(), "lat.npy": npy_bytes(lat), "txt.npy": npy_bytes(txt)})
+            out.update(
+                {"meta.json": json.dumps(meta).encode(), "lat.npy": npy_bytes(lat), "txt.npy": npy_bytes(txt)}
+            )
             sink.write(out)
             n += len(items)
     os.replace(tmp, dest)
     return n
 
 
-def cache_shards(shards: str | Path, out: str | Path, zoo, resolution: int, device: str = "cpu",
-                 dtype: str = "float16", batch_size: int = 16, progress=None) -> dict:
+def cache_shards(
+    shards: str | Path,
+    out: str | Path,
+    zoo,
+    resolution: int,
+    device: str = "cpu",
+    dtype: str = "float16",
+    batch_size: int = 16,
+    progress=None,
+) -> dict:
     """Write copies of the shards in ``shards`` with cached latents and text states into ``out``."""
     src, dst = Path(shards).resolve(), Path(out).resolve()
     if src == dst:
@@ -109,11 +133,18 @@ def cache_shards(shards: str | Path, out: str | Path, zoo, resolution: int, devi
         if progress:
             progress(url.name)
     log.info("cached %d images in %d shards (%d already cached)", images, len(urls) - len(done), len(done))
-    summary = {"shards": [u.name for u in urls], "skipped_existing": done, "images_encoded": images,
-               "resolution": resolution, **enc.names}
+    summary = {
+        "shards": [u.name for u in urls],
+        "skipped_existing": done,
+        "images_encoded": images,
+        "resolution": resolution,
+        **enc.names,
+    }
     if (src / "manifest.json").is_file():
         manifest = json.loads((src / "manifest.json").read_text())
-        manifest["cache"] = {k: v for k, v in summary.items() if k not in ("skipped_existing", "images_encoded")}
+        manifest["cache"] = {
+            k: v for k, v in summary.items() if k not in ("skipped_existing", "images_encoded")
+        }
         (dst / "manifest.json.tmp").write_text(json.dumps(manifest, indent=1))
         os.replace(dst / "manifest.json.tmp", dst / "manifest.json")
     for extra in src.glob("cluster_report_*"):

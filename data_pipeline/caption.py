@@ -30,25 +30,88 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CELEBA_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Lips",
-    "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Double_Chin",
-    "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open",
-    "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin", "Pointy_Nose", "Receding_Hairline",
-    "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair", "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat",
-    "Wearing_Lipstick", "Wearing_Necklace", "Wearing_Necktie", "Young",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
 )
-_HAIR_COLOUR = (("Black_Hair", "black"), ("Blond_Hair", "blond"), ("Brown_Hair", "brown"), ("Gray_Hair", "gray"))
+_HAIR_COLOUR = (
+    ("Black_Hair", "black"),
+    ("Blond_Hair", "blond"),
+    ("Brown_Hair", "brown"),
+    ("Gray_Hair", "gray"),
+)
 _HAIR_STYLE = (("Wavy_Hair", "wavy"), ("Straight_Hair", "straight"))
-_FACE = (("Oval_Face", "an oval face"), ("High_Cheekbones", "high cheekbones"), ("Rosy_Cheeks", "rosy cheeks"),
-         ("Chubby", "a chubby face"), ("Double_Chin", "a double chin"), ("Pale_Skin", "pale skin"))
-_FEATURES = (("Arched_Eyebrows", "arched eyebrows"), ("Bushy_Eyebrows", "bushy eyebrows"),
-             ("Narrow_Eyes", "narrow eyes"), ("Bags_Under_Eyes", "bags under the eyes"), ("Big_Nose", "a big nose"),
-             ("Pointy_Nose", "a pointy nose"), ("Big_Lips", "big lips"), ("Bangs", "bangs"),
-             ("Receding_Hairline", "a receding hairline"), ("Sideburns", "sideburns"))
-_FACIAL_HAIR = (("Goatee", "a goatee"), ("Mustache", "a mustache"), ("5_o_Clock_Shadow", "a five o'clock shadow"))
-_WEARING = (("Eyeglasses", "eyeglasses"), ("Wearing_Hat", "a hat"), ("Wearing_Earrings", "earrings"),
-            ("Wearing_Necklace", "a necklace"), ("Wearing_Necktie", "a necktie"), ("Wearing_Lipstick", "lipstick"),
-            ("Heavy_Makeup", "heavy makeup"))
+_FACE = (
+    ("Oval_Face", "an oval face"),
+    ("High_Cheekbones", "high cheekbones"),
+    ("Rosy_Cheeks", "rosy cheeks"),
+    ("Chubby", "a chubby face"),
+    ("Double_Chin", "a double chin"),
+    ("Pale_Skin", "pale skin"),
+)
+_FEATURES = (
+    ("Arched_Eyebrows", "arched eyebrows"),
+    ("Bushy_Eyebrows", "bushy eyebrows"),
+    ("Narrow_Eyes", "narrow eyes"),
+    ("Bags_Under_Eyes", "bags under the eyes"),
+    ("Big_Nose", "a big nose"),
+    ("Pointy_Nose", "a pointy nose"),
+    ("Big_Lips", "big lips"),
+    ("Bangs", "bangs"),
+    ("Receding_Hairline", "a receding hairline"),
+    ("Sideburns", "sideburns"),
+)
+_FACIAL_HAIR = (
+    ("Goatee", "a goatee"),
+    ("Mustache", "a mustache"),
+    ("5_o_Clock_Shadow", "a five o'clock shadow"),
+)
+_WEARING = (
+    ("Eyeglasses", "eyeglasses"),
+    ("Wearing_Hat", "a hat"),
+    ("Wearing_Earrings", "earrings"),
+    ("Wearing_Necklace", "a necklace"),
+    ("Wearing_Necktie", "a necktie"),
+    ("Wearing_Lipstick", "lipstick"),
+    ("Heavy_Makeup", "heavy makeup"),
+)
 
 
 def _on(attrs: dict, name: str) -> bool:
@@ -73,7 +136,9 @@ def celeba_sentence(attrs: dict) -> str:
     if _on(attrs, "Bald"):
         parts.append("a bald head")
     else:
-        hair = [w for k, w in _HAIR_STYLE if _on(attrs, k)][:1] + [w for k, w in _HAIR_COLOUR if _on(attrs, k)][:1]
+        hair = [w for k, w in _HAIR_STYLE if _on(attrs, k)][:1] + [
+            w for k, w in _HAIR_COLOUR if _on(attrs, k)
+        ][:1]
         if hair:
             parts.append(" ".join(hair) + " hair")
     parts += [w for k, w in _FACE + _FEATURES + _FACIAL_HAIR if _on(attrs, k)]
@@ -88,7 +153,12 @@ def celeba_sentence(attrs: dict) -> str:
     wearing = [w for k, w in _WEARING if _on(attrs, k)]
     if wearing:
         sentence += ", wearing " + _join(wearing)
-    if male and not _on(attrs, "No_Beard") and "No_Beard" in attrs and not any(_on(attrs, k) for k, _ in _FACIAL_HAIR):
+    if (
+        male
+        and not _on(attrs, "No_Beard")
+        and "No_Beard" in attrs
+        and not any(_on(attrs, k) for k, _ in _FACIAL_HAIR)
+    ):
         sentence += ", with a beard"
     return sentence + "."
 
@@ -101,7 +171,7 @@ def read_celeba_attributes(path: str | Path) -> dict[str, dict[str, int]]:
     if set(names) - set(CELEBA_ATTRIBUTES):
         raise ValueError(f"{path}: header is not the CelebA attribute list: {names[:5]}...")
     out = {}
-    for line in lines[header_at + 1:]:
+    for line in lines[header_at + 1 :]:
         fields = line.split()
         if len(fields) == len(names) + 1:
             out[fields[0]] = {n: int(v) for n, v in zip(names, fields[1:])}
@@ -142,8 +212,10 @@ class CelebACaptioner(Captioner):
         metas = metas if metas is not None else [{}] * len(images)
         missing = [i for i, m in enumerate(metas) if not m.get("attributes")]
         if missing:
-            raise ValueError(f"celeba captioner: {len(missing)} images have no meta['attributes'] (first index "
-                             f"{missing[0]}); use a CelebA source with list_attr_celeba.txt or another captioner")
+            raise ValueError(
+                f"celeba captioner: {len(missing)} images have no meta['attributes'] (first index "
+                f"{missing[0]}); use a CelebA source with list_attr_celeba.txt or another captioner"
+            )
         return [celeba_sentence(m["attributes"]) for m in metas]
 
 
@@ -152,26 +224,41 @@ class BlipCaptioner(Captioner):
 
     name = "blip"
 
-    def __init__(self, model: str = "Salesforce/blip-image-captioning-large", batch_size: int = 16,
-                 device: str = "cpu", dtype: str = "float32", prompt: str | None = None,
-                 max_new_tokens: int = 40, num_beams: int = 1):
+    def __init__(
+        self,
+        model: str = "Salesforce/blip-image-captioning-large",
+        batch_size: int = 16,
+        device: str = "cpu",
+        dtype: str = "float32",
+        prompt: str | None = None,
+        max_new_tokens: int = 40,
+        num_beams: int = 1,
+    ):
         import torch
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         if batch_size < 1:
             raise ValueError(f"BlipCaptioner batch_size must be >= 1, got {batch_size}")
         self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if (str(model).startswith((".", "/", "~")) or Path(model).exists()) and not Path(model).expanduser().is_dir():
-            raise FileNotFoundError(f"BLIP captioner: cannot load {model!r}: no such folder (expected config.json, "
-                                    "model.safetensors and the processor files, e.g. from idforge caption-finetune)")
+        if (str(model).startswith((".", "/", "~")) or Path(model).exists()) and not Path(
+            model
+        ).expanduser().is_dir():
+            raise FileNotFoundError(
+                f"BLIP captioner: cannot load {model!r}: no such folder (expected config.json, "
+                "model.safetensors and the processor files, e.g. from idforge caption-finetune)"
+            )
         model = str(Path(model).expanduser()) if str(model).startswith("~") else model
         try:
             self.processor = BlipProcessor.from_pretrained(model)
-            self.model = BlipForConditionalGeneration.from_pretrained(model, dtype=self.dtype).to(device).eval()
+            self.model = (
+                BlipForConditionalGeneration.from_pretrained(model, dtype=self.dtype).to(device).eval()
+            )
         except OSError as exc:
-            raise OSError(f"BLIP captioner: cannot load {model!r} (a local folder with config.json, "
-                          "model.safetensors and the processor files, or a cached hub name; offline runs "
-                          "never download)") from exc
+            raise OSError(
+                f"BLIP captioner: cannot load {model!r} (a local folder with config.json, "
+                "model.safetensors and the processor files, or a cached hub name; offline runs "
+                "never download)"
+            ) from exc
         self.device, self.batch_size, self.prompt = device, batch_size, prompt
         self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
 
@@ -180,12 +267,14 @@ class BlipCaptioner(Captioner):
 
         out: list[str] = []
         for i in range(0, len(images), self.batch_size):
-            batch = [im.convert("RGB") for im in images[i:i + self.batch_size]]
+            batch = [im.convert("RGB") for im in images[i : i + self.batch_size]]
             kw = {"text": [self.prompt] * len(batch)} if self.prompt else {}
             inputs = self.processor(images=batch, return_tensors="pt", **kw).to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             with torch.no_grad():
-                ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+                ids = self.model.generate(
+                    **inputs, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams
+                )
             out += [t.strip() for t in self.processor.batch_decode(ids, skip_special_tokens=True)]
         return out
 
@@ -198,8 +287,10 @@ class LavisCaptioner(Captioner):
     def __init__(self, captions_file: str | Path):
         self.path = Path(captions_file)
         if not self.path.is_file():
-            raise FileNotFoundError(f"lavis captions file {self.path} not found: run the exported "
-                                    "lavis_caption.py in the lavis environment first (see idforge.data_pipeline.caption)")
+            raise FileNotFoundError(
+                f"lavis captions file {self.path} not found: run the exported "
+                "lavis_caption.py in the lavis environment first (see idforge.data_pipeline.caption)"
+            )
         self.captions = import_captions(self.path)
 
     def caption(self, images, metas=None):
@@ -208,7 +299,9 @@ class LavisCaptioner(Captioner):
         for m in metas:
             key = m.get("key", m.get("source"))
             if key not in self.captions:
-                raise KeyError(f"no caption for {key!r} in {self.path}: export requests for every image first")
+                raise KeyError(
+                    f"no caption for {key!r} in {self.path}: export requests for every image first"
+                )
             out.append(self.captions[key])
         return out
 
@@ -284,7 +377,9 @@ def write_lavis_script(path: str | Path) -> Path:
     return path
 
 
-def build_tiny_blip(folder: str | Path, words: list[str] | None = None, image_size: int = 32, seed: int = 0) -> Path:
+def build_tiny_blip(
+    folder: str | Path, words: list[str] | None = None, image_size: int = 32, seed: int = 0
+) -> Path:
     """A random-weight BLIP captioner (~40k parameters) + word-level BERT tokenizer saved to ``folder``
     in transformers' format, loadable by :class:`BlipCaptioner` (tests and the demo; never downloads)."""
     import torch
@@ -297,24 +392,49 @@ def build_tiny_blip(folder: str | Path, words: list[str] | None = None, image_si
     )
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-    base = words if words is not None else (
-        "a photo of young older man woman with and wearing smiling the mouth slightly open hair , . " +
-        " ".join(w for _, w in _HAIR_COLOUR + _HAIR_STYLE) + " " +
-        " ".join(w for _, w in _FACE + _FEATURES + _FACIAL_HAIR + _WEARING) + " bald head beard").split()
+    base = (
+        words
+        if words is not None
+        else (
+            "a photo of young older man woman with and wearing smiling the mouth slightly open hair , . "
+            + " ".join(w for _, w in _HAIR_COLOUR + _HAIR_STYLE)
+            + " "
+            + " ".join(w for _, w in _FACE + _FEATURES + _FACIAL_HAIR + _WEARING)
+            + " bald head beard"
+        ).split()
+    )
     for w in base:
         for t in w.lower().replace("'", " ' ").split():
             if t not in vocab:
                 vocab.append(t)
     tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, bos_token="[DEC]")
-    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
-                         tokenizer=tok)
-    text = {"vocab_size": len(vocab), "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                "intermediate_size": 64, "max_position_embeddings": 64, "bos_token_id": tok.bos_token_id,
-                "pad_token_id": tok.pad_token_id, "sep_token_id": tok.sep_token_id, "eos_token_id": tok.sep_token_id}
-    vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
-                  "image_size": image_size, "patch_size": 8}
+    proc = BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}), tokenizer=tok
+    )
+    text = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 64,
+        "bos_token_id": tok.bos_token_id,
+        "pad_token_id": tok.pad_token_id,
+        "sep_token_id": tok.sep_token_id,
+        "eos_token_id": tok.sep_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": image_size,
+        "patch_size": 8,
+    }
     torch.manual_seed(seed)
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=16))
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=vision, projection_dim=16)
+    )
     model.generation_config.eos_token_id = tok.sep_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     folder = Path(folder)
@@ -334,5 +454,3 @@ def make_captioner(name: str, **kwargs) -> Captioner:
     if name == "lavis":
         return LavisCaptioner(**kwargs)
     raise ValueError(f"unknown captioner {name!r}: choose provided, celeba, blip or lavis")
-
-

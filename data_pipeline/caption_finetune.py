@@ -39,8 +39,16 @@ class FinetuneConfig:
             raise ValueError(f"FinetuneConfig.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
 
-def finetune_blip(model_path: str | Path, images: list, captions: list[str], out_dir: str | Path,
-                  epochs: int = 3, lr: float = 1e-5, batch_size: int = 16, **kw) -> tuple[Path, dict]:
+def finetune_blip(
+    model_path: str | Path,
+    images: list,
+    captions: list[str],
+    out_dir: str | Path,
+    epochs: int = 3,
+    lr: float = 1e-5,
+    batch_size: int = 16,
+    **kw,
+) -> tuple[Path, dict]:
     """Fine-tune BLIP at ``model_path`` on PIL ``images`` and their ``captions``; saves model +
     processor to ``out_dir``; returns (out_dir, history with per-step ``loss``)."""
     import torch
@@ -48,7 +56,9 @@ def finetune_blip(model_path: str | Path, images: list, captions: list[str], out
 
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, **kw)
     if len(images) != len(captions) or not images:
-        raise ValueError(f"finetune_blip needs as many captions as images (>= 1): {len(images)} vs {len(captions)}")
+        raise ValueError(
+            f"finetune_blip needs as many captions as images (>= 1): {len(images)} vs {len(captions)}"
+        )
     torch.manual_seed(cfg.seed)
     processor = BlipProcessor.from_pretrained(model_path)
     model = BlipForConditionalGeneration.from_pretrained(model_path).to(cfg.device).train()
@@ -65,16 +75,26 @@ def finetune_blip(model_path: str | Path, images: list, captions: list[str], out
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(images), generator=g).tolist()
         for i in range(0, len(order), cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            batch = processor(images=[images[j].convert("RGB") for j in idx], text=[captions[j] for j in idx],
-                              return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_length)
+            idx = order[i : i + cfg.batch_size]
+            batch = processor(
+                images=[images[j].convert("RGB") for j in idx],
+                text=[captions[j] for j in idx],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=cfg.max_length,
+            )
             batch = batch.to(cfg.device)
             input_ids = batch["input_ids"].clone()  # (B, T): [CLS] caption [SEP] [PAD]...
             input_ids[:, 0] = bos  # BLIP decodes from [DEC], as generate() does
             labels = input_ids.masked_fill(input_ids == pad, -100)
             with torch.autocast("cuda", dtype=getattr(torch, cfg.dtype), enabled=autocast):
-                loss = model(pixel_values=batch["pixel_values"], input_ids=input_ids,
-                             attention_mask=batch["attention_mask"], labels=labels).loss
+                loss = model(
+                    pixel_values=batch["pixel_values"],
+                    input_ids=input_ids,
+                    attention_mask=batch["attention_mask"],
+                    labels=labels,
+                ).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -113,8 +133,10 @@ def load_pairs(data: str | Path, limit: int | None = None) -> tuple[list, list[s
             if (img_dir / name).is_file():
                 pairs.append((img_dir / name, celeba_sentence(attrs)))
     else:
-        raise FileNotFoundError(f"caption-finetune data {data}: give a JSONL of image/caption pairs or a CelebA "
-                                "folder with list_attr_celeba.txt")
+        raise FileNotFoundError(
+            f"caption-finetune data {data}: give a JSONL of image/caption pairs or a CelebA "
+            "folder with list_attr_celeba.txt"
+        )
     pairs = pairs[:limit] if limit else pairs
     if not pairs:
         raise ValueError(f"caption-finetune data {data}: no (image, caption) pairs found")
@@ -137,6 +159,15 @@ def add_arguments(p) -> None:
 
 def run_from_args(args) -> tuple[Path, dict]:
     images, captions = load_pairs(args.data, args.limit)
-    return finetune_blip(args.model, images, captions, args.out, epochs=args.epochs, lr=args.lr,
-                         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
-                         train_vision=args.train_vision)
+    return finetune_blip(
+        args.model,
+        images,
+        captions,
+        args.out,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        train_vision=args.train_vision,
+    )

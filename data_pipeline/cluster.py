@@ -107,8 +107,11 @@ def _choose_k(x: np.ndarray, seed: int, max_k: int = 5, min_silhouette: float = 
 
 def _hist(values: np.ndarray) -> dict:
     counts, _ = np.histogram(np.asarray(values, dtype=np.float64), bins=HIST_BINS)
-    return {"bins": HIST_BINS.round(3).tolist(), "counts": counts.tolist(),
-            "mean": float(np.mean(values)) if len(values) else None}
+    return {
+        "bins": HIST_BINS.round(3).tolist(),
+        "counts": counts.tolist(),
+        "mean": float(np.mean(values)) if len(values) else None,
+    }
 
 
 def _between(centres: np.ndarray, max_centres: int = 4096, seed: int = 0) -> np.ndarray:
@@ -128,14 +131,21 @@ def _sizes(identity: np.ndarray) -> np.ndarray:
 def _common_report(identity: np.ndarray, within: np.ndarray, centres: np.ndarray, seed: int) -> dict:
     sizes = _sizes(identity)
     sizes = sizes[sizes > 0]
-    return {"images": len(identity), "kept": int((identity >= 0).sum()), "dropped": int((identity < 0).sum()),
-            "clusters": len(sizes), "cluster_sizes": sorted(sizes.tolist(), reverse=True)[:1000],
-            "size_histogram": {str(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))},
-            "within_similarity": _hist(within), "between_similarity": _hist(_between(centres, seed=seed))}
+    return {
+        "images": len(identity),
+        "kept": int((identity >= 0).sum()),
+        "dropped": int((identity < 0).sum()),
+        "clusters": len(sizes),
+        "cluster_sizes": sorted(sizes.tolist(), reverse=True)[:1000],
+        "size_histogram": {str(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True))},
+        "within_similarity": _hist(within),
+        "between_similarity": _hist(_between(centres, seed=seed)),
+    }
 
 
-def cluster_labelled(embeddings: np.ndarray, person_labels, k: int | str = 3, min_similarity: float = 0.6,
-                     seed: int = 0) -> ClusterResult:
+def cluster_labelled(
+    embeddings: np.ndarray, person_labels, k: int | str = 3, min_similarity: float = 0.6, seed: int = 0
+) -> ClusterResult:
     """FlashFace's per-person cleaning; ``identity`` = index of the person in sorted label order."""
     e = _check(embeddings)
     labels = np.asarray(person_labels)
@@ -157,11 +167,21 @@ def cluster_labelled(embeddings: np.ndarray, person_labels, k: int | str = 3, mi
         identity[idx[ok]] = pid
         centres[pid] = c[largest]
         within.append(sims[ok])
-        per_person[str(persons[pid])] = {"id": pid, "images": len(idx), "kept": int(ok.sum()),
-                                         "k": len(c), "cluster_sizes": sorted(sizes.tolist(), reverse=True)}
-    report = {"mode": "labelled", "k": k, "min_similarity": min_similarity, "persons": len(persons),
-              **_common_report(identity, np.concatenate(within), np.stack(list(centres.values())), seed),
-              "per_person": per_person}
+        per_person[str(persons[pid])] = {
+            "id": pid,
+            "images": len(idx),
+            "kept": int(ok.sum()),
+            "k": len(c),
+            "cluster_sizes": sorted(sizes.tolist(), reverse=True),
+        }
+    report = {
+        "mode": "labelled",
+        "k": k,
+        "min_similarity": min_similarity,
+        "persons": len(persons),
+        **_common_report(identity, np.concatenate(within), np.stack(list(centres.values())), seed),
+        "per_person": per_person,
+    }
     return ClusterResult(identity=identity, keep=identity >= 0, centres=centres, report=report)
 
 
@@ -193,7 +213,9 @@ def _star(nodes: np.ndarray, comp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return nodes_s[~first], root[~first]
 
 
-def threshold_components(e: np.ndarray, threshold: float, chunk: int = 8192, device: str = "cpu") -> np.ndarray:
+def threshold_components(
+    e: np.ndarray, threshold: float, chunk: int = 8192, device: str = "cpu"
+) -> np.ndarray:
     """Connected components of the graph cos(i, j) >= threshold; labels (N,) in 0..C-1."""
     n = len(e)
     mm = _matmul(device)
@@ -201,7 +223,7 @@ def threshold_components(e: np.ndarray, threshold: float, chunk: int = 8192, dev
     stored = 0
     for a in range(0, n, chunk):
         for b in range(a, n, chunk):
-            i, j = np.nonzero(mm(e[a:a + chunk], e[b:b + chunk]) >= threshold)  # block (ca, cb)
+            i, j = np.nonzero(mm(e[a : a + chunk], e[b : b + chunk]) >= threshold)  # block (ca, cb)
             if not len(i):
                 continue
             i, j = i + a, j + b
@@ -224,8 +246,9 @@ def _centres(e: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
     return _unit(sums)
 
 
-def _split_chained(e: np.ndarray, labels: np.ndarray, threshold: float, seed: int, max_depth: int = 16
-                   ) -> np.ndarray:
+def _split_chained(
+    e: np.ndarray, labels: np.ndarray, threshold: float, seed: int, max_depth: int = 16
+) -> np.ndarray:
     """Recursively split a cluster by spherical 2-means while its halves' centres have cosine < threshold."""
     labels = labels.copy()
     next_id = int(labels.max()) + 1
@@ -244,12 +267,21 @@ def _split_chained(e: np.ndarray, labels: np.ndarray, threshold: float, seed: in
     return np.unique(labels, return_inverse=True)[1]
 
 
-def cluster_unlabelled(embeddings: np.ndarray, threshold: float = 0.5, chunk: int = 8192, min_size: int = 1,
-                       refine: bool = False, seed: int = 0, device: str = "cpu") -> ClusterResult:
+def cluster_unlabelled(
+    embeddings: np.ndarray,
+    threshold: float = 0.5,
+    chunk: int = 8192,
+    min_size: int = 1,
+    refine: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+) -> ClusterResult:
     """Identities as threshold-graph components; clusters smaller than ``min_size`` are dropped (-1)."""
     e = _check(embeddings)
     if not -1.0 <= threshold <= 1.0 or chunk < 1 or min_size < 1:
-        raise ValueError(f"need -1 <= threshold <= 1, chunk >= 1, min_size >= 1; got {threshold}, {chunk}, {min_size}")
+        raise ValueError(
+            f"need -1 <= threshold <= 1, chunk >= 1, min_size >= 1; got {threshold}, {chunk}, {min_size}"
+        )
     labels = threshold_components(e, threshold, chunk, device)
     n_components = int(labels.max()) + 1
     outliers = np.zeros(len(e), dtype=bool)
@@ -258,19 +290,28 @@ def cluster_unlabelled(embeddings: np.ndarray, threshold: float = 0.5, chunk: in
         c = _centres(e, labels, int(labels.max()) + 1)
         best = np.empty(len(e), np.float32)
         for a in range(0, len(e), chunk):  # reassign to the nearest centre, chunked (chunk, C)
-            sims = _matmul(device)(e[a:a + chunk], c)
-            labels[a:a + chunk], best[a:a + chunk] = sims.argmax(1), sims.max(1)
+            sims = _matmul(device)(e[a : a + chunk], c)
+            labels[a : a + chunk], best[a : a + chunk] = sims.argmax(1), sims.max(1)
         outliers = best < threshold
     sizes = np.bincount(labels[~outliers], minlength=int(labels.max()) + 1)
     keep = ~outliers & (sizes[labels] >= min_size)
     identity = np.full(len(e), -1, dtype=np.int64)
     ids = np.unique(labels[keep])
     identity[keep] = np.searchsorted(ids, labels[keep])  # renumbered 0..C-1
-    centres = _centres(e[keep], identity[keep], len(ids)) if keep.any() else np.zeros((0, e.shape[1]), np.float32)
+    centres = (
+        _centres(e[keep], identity[keep], len(ids)) if keep.any() else np.zeros((0, e.shape[1]), np.float32)
+    )
     within = np.einsum("nd,nd->n", e[keep], centres[identity[keep]]) if keep.any() else np.zeros(0)
-    report = {"mode": "unlabelled", "threshold": threshold, "refine": refine, "min_size": min_size,
-              "components_before_refine": n_components, "outliers": int(outliers.sum()),
-              "dropped_small": int((~keep & ~outliers).sum()), **_common_report(identity, within, centres, seed)}
+    report = {
+        "mode": "unlabelled",
+        "threshold": threshold,
+        "refine": refine,
+        "min_size": min_size,
+        "components_before_refine": n_components,
+        "outliers": int(outliers.sum()),
+        "dropped_small": int((~keep & ~outliers).sum()),
+        **_common_report(identity, within, centres, seed),
+    }
     return ClusterResult(identity=identity, keep=keep, centres=dict(enumerate(centres)), report=report)
 
 
@@ -287,10 +328,14 @@ def write_report(result: ClusterResult, path: str | Path) -> Path:
     js, txt = base.with_name(base.name + ".json"), base.with_name(base.name + ".txt")
     js.write_text(json.dumps(result.report, indent=1))
     r = result.report
-    lines = [(f"identity clustering ({r['mode']}): {r['images']} images, {r['kept']} kept, "
-             f"{r['dropped']} dropped, {r['clusters']} clusters"),
-             f"largest cluster sizes: {r['cluster_sizes'][:20]}",
-             "cluster size -> count: " + ", ".join(f"{s}: {c}" for s, c in r["size_histogram"].items())]
+    lines = [
+        (
+            f"identity clustering ({r['mode']}): {r['images']} images, {r['kept']} kept, "
+            f"{r['dropped']} dropped, {r['clusters']} clusters"
+        ),
+        f"largest cluster sizes: {r['cluster_sizes'][:20]}",
+        "cluster size -> count: " + ", ".join(f"{s}: {c}" for s, c in r["size_histogram"].items()),
+    ]
     for key in ("within_similarity", "between_similarity"):
         h = r[key]
         mean = "n/a" if h["mean"] is None else f"{h['mean']:.3f}"

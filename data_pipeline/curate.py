@@ -84,14 +84,23 @@ class CurateConfig:
         if isinstance(self.filters, dict):
             self.filters = FilterConfig(**self.filters)
         if self.filters.occlusion and not self.occlusion_model:
-            raise ValueError("filters.occlusion is on but occlusion_model is not set: give an open_clip spec "
-                             "(local-dir:/path, ARCH@/path/weights.bin) in the curation config")
+            raise ValueError(
+                "filters.occlusion is on but occlusion_model is not set: give an open_clip spec "
+                "(local-dir:/path, ARCH@/path/weights.bin) in the curation config"
+            )
         if self.cluster not in (None, "labelled", "unlabelled"):
             raise ValueError(f"cluster must be null, 'labelled' or 'unlabelled', got {self.cluster!r}")
         if self.cluster and not self.embedder:
-            raise ValueError(f"cluster={self.cluster!r} needs face embeddings: set embedder (a face-encoder folder, "
-                             "backbone.pth or recognition .onnx)")
-        if self.unit_size < 1 or self.resolution < 16 or self.max_group_size < 1 or self.detect_batch_size < 1:
+            raise ValueError(
+                f"cluster={self.cluster!r} needs face embeddings: set embedder (a face-encoder folder, "
+                "backbone.pth or recognition .onnx)"
+            )
+        if (
+            self.unit_size < 1
+            or self.resolution < 16
+            or self.max_group_size < 1
+            or self.detect_batch_size < 1
+        ):
             raise ValueError("unit_size, max_group_size, detect_batch_size must be >= 1 and resolution >= 16")
         if self.rank is None:
             self.rank = int(os.environ.get("RANK", os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
@@ -105,8 +114,14 @@ def _code_version() -> str:
     from idforge import __version__
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{__version__}+{commit}" if commit else __version__
@@ -121,8 +136,18 @@ _STATE: dict = {}
 
 def _tools(cfg: CurateConfig) -> dict:
     """The unit stage's models, built once per process and reused across its units."""
-    key = json.dumps([cfg.detector, cfg.embedder, cfg.occlusion_model, asdict(cfg.filters), cfg.captioner,
-                      cfg.captioner_options], sort_keys=True, default=str)
+    key = json.dumps(
+        [
+            cfg.detector,
+            cfg.embedder,
+            cfg.occlusion_model,
+            asdict(cfg.filters),
+            cfg.captioner,
+            cfg.captioner_options,
+        ],
+        sort_keys=True,
+        default=str,
+    )
     if _STATE.get("key") != key:
         occlusion = None
         if cfg.filters.occlusion:
@@ -130,13 +155,26 @@ def _tools(cfg: CurateConfig) -> dict:
 
             occlusion = OcclusionFilter.from_spec(cfg.occlusion_model, cfg.filters)
         _STATE.clear()
-        _STATE.update(key=key, detector=make_detector(cfg.detector), embedder=make_embedder(cfg.embedder),
-                      occlusion=occlusion, captioner=make_captioner(cfg.captioner, **cfg.captioner_options))
+        _STATE.update(
+            key=key,
+            detector=make_detector(cfg.detector),
+            embedder=make_embedder(cfg.embedder),
+            occlusion=occlusion,
+            captioner=make_captioner(cfg.captioner, **cfg.captioner_options),
+        )
     return _STATE
 
 
-def _accept(cfg: CurateConfig, item, image: np.ndarray, detections, accepted: list, rejects: dict, crops: list,
-            crops112: list) -> None:
+def _accept(
+    cfg: CurateConfig,
+    item,
+    image: np.ndarray,
+    detections,
+    accepted: list,
+    rejects: dict,
+    crops: list,
+    crops112: list,
+) -> None:
     """Filter one decoded image's detections; align and record it, or record why it was rejected."""
     det, reason = check_face(image, detections, cfg.filters)
     if reason:
@@ -147,13 +185,19 @@ def _accept(cfg: CurateConfig, item, image: np.ndarray, detections, accepted: li
     box = transform_points(det.box.reshape(2, 2), matrix).reshape(-1)
     meta = item.meta
     identity = meta.get("identity") or meta.get("person") or Path(item.key).stem
-    accepted.append({
-        "source": item.key, "identity": str(identity), "split": meta.get("split", "train"),
-        "caption": meta.get("caption", ""), "attributes": meta.get("attributes", {}),
-        "landmarks": transform_points(det.landmarks, matrix).round(3).tolist(),
-        "box": [round(float(v), 3) for v in box], "score": round(det.score, 4),
-        "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
-    })
+    accepted.append(
+        {
+            "source": item.key,
+            "identity": str(identity),
+            "split": meta.get("split", "train"),
+            "caption": meta.get("caption", ""),
+            "attributes": meta.get("attributes", {}),
+            "landmarks": transform_points(det.landmarks, matrix).round(3).tolist(),
+            "box": [round(float(v), 3) for v in box],
+            "score": round(det.score, 4),
+            "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
+        }
+    )
     crops.append(crop)
     crops112.append(crop112)
 
@@ -198,7 +242,9 @@ def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
         occluded = tools["occlusion"].flags([Image.fromarray(c) for c in crops])
         for rec in (r for r, o in zip(accepted, occluded) if o):
             rejects[rec["source"]] = "occluded"
-        accepted, crops, crops112 = ([x for x, o in zip(seq, occluded) if not o] for seq in (accepted, crops, crops112))
+        accepted, crops, crops112 = (
+            [x for x, o in zip(seq, occluded) if not o] for seq in (accepted, crops, crops112)
+        )
     if crops:
         captions = tools["captioner"].caption([Image.fromarray(c) for c in crops], accepted)
         for rec, caption in zip(accepted, captions):
@@ -222,9 +268,11 @@ def finalize(cfg: CurateConfig, n_units: int, files_seen: int) -> dict:
         rejected.update(rec["rejected"].values())
         emb = np.load(folder / "emb.npy") if (folder / "emb.npy").is_file() else None
         for n, meta in enumerate(rec["accepted"]):
-            img = GroupImage(jpeg=(folder / f"{n:05d}.jpg").read_bytes(),
-                             meta={k: v for k, v in meta.items() if k not in ("identity", "split")},
-                             embedding=None if emb is None else emb[n].astype(np.float32))
+            img = GroupImage(
+                jpeg=(folder / f"{n:05d}.jpg").read_bytes(),
+                meta={k: v for k, v in meta.items() if k not in ("identity", "split")},
+                embedding=None if emb is None else emb[n].astype(np.float32),
+            )
             by_identity[(meta["split"], meta["identity"])].append(img)
     if cfg.cluster:
         by_identity = _cluster(cfg, by_identity, rejected)
@@ -245,14 +293,20 @@ def finalize(cfg: CurateConfig, n_units: int, files_seen: int) -> dict:
         if stale.name not in shard_names:
             stale.unlink()
     manifest = {
-        "files_seen": files_seen, "images_accepted": accepted, "rejected": dict(sorted(rejected.items())),
+        "files_seen": files_seen,
+        "images_accepted": accepted,
+        "rejected": dict(sorted(rejected.items())),
         "identities": {s: len({g.identity for g in gs}) for s, gs in groups.items()},
-        "groups": {s: len(gs) for s, gs in groups.items()}, "shards": shard_names,
-        "config": asdict(cfg), "code_version": _code_version(),
+        "groups": {s: len(gs) for s, gs in groups.items()},
+        "shards": shard_names,
+        "config": asdict(cfg),
+        "code_version": _code_version(),
     }
     if accepted + sum(rejected.values()) != files_seen:
-        raise RuntimeError(f"curation accounting mismatch in {root}: {files_seen} files seen but "
-                           f"{accepted} accepted + {sum(rejected.values())} rejected")
+        raise RuntimeError(
+            f"curation accounting mismatch in {root}: {files_seen} files seen but "
+            f"{accepted} accepted + {sum(rejected.values())} rejected"
+        )
     write_manifest(root, manifest)
     return manifest
 
@@ -265,8 +319,10 @@ def _cluster(cfg: CurateConfig, by_identity: dict, rejected: Counter) -> dict:
         images = [im for k in keys for im in by_identity[k]]
         persons = [k[1] for k in keys for _ in by_identity[k]]
         if any(im.embedding is None for im in images):
-            raise RuntimeError(f"clustering needs embeddings, but units in {cfg.output}/{UNITS} were written "
-                               "without an embedder: delete them and re-run with embedder set")
+            raise RuntimeError(
+                f"clustering needs embeddings, but units in {cfg.output}/{UNITS} were written "
+                "without an embedder: delete them and re-run with embedder set"
+            )
         emb = np.stack([im.embedding for im in images])
         opts = dict(cfg.cluster_options)
         if cfg.cluster == "labelled":
@@ -281,8 +337,14 @@ def _cluster(cfg: CurateConfig, by_identity: dict, rejected: Counter) -> dict:
         for im, name in zip(images, label):
             if name is not None:
                 out[(split, name)].append(im)
-        log.info("clustering (%s, %s): %d images -> %d identities, %d dropped", cfg.cluster, split, len(images),
-                 result.report.get("clusters", 0), int((~result.keep).sum()))
+        log.info(
+            "clustering (%s, %s): %d images -> %d identities, %d dropped",
+            cfg.cluster,
+            split,
+            len(images),
+            result.report.get("clusters", 0),
+            int((~result.keep).sum()),
+        )
     return out
 
 
@@ -294,7 +356,9 @@ def run_curation(cfg: CurateConfig, progress=None) -> dict | None:
     mine = list(range(cfg.rank, len(units), cfg.world_size))
     root = Path(cfg.output) / UNITS
     todo = [u for u in mine if not (root / f"unit-{u:06d}" / "records.json").is_file()]
-    log.info("%d files in %d units; this worker: %d units, %d to do", len(items), len(units), len(mine), len(todo))
+    log.info(
+        "%d files in %d units; this worker: %d units, %d to do", len(items), len(units), len(mine), len(todo)
+    )
     if cfg.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:
             for _ in pool.map(process_unit, [cfg] * len(todo), todo):

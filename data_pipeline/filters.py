@@ -57,15 +57,23 @@ class FilterConfig:
 
     def __post_init__(self):
         if self.multiple_faces not in ("reject", "largest"):
-            raise ValueError(f"FilterConfig.multiple_faces must be 'reject' or 'largest', got {self.multiple_faces!r}")
+            raise ValueError(
+                f"FilterConfig.multiple_faces must be 'reject' or 'largest', got {self.multiple_faces!r}"
+            )
         if not 0.0 <= self.min_face_fraction <= 1.0:
-            raise ValueError(f"FilterConfig.min_face_fraction must be in [0, 1], got {self.min_face_fraction}")
+            raise ValueError(
+                f"FilterConfig.min_face_fraction must be in [0, 1], got {self.min_face_fraction}"
+            )
         if self.min_resolution < 1 or self.min_face_px < 0:
             raise ValueError("FilterConfig.min_resolution must be >= 1 and min_face_px >= 0")
         if self.duplicate_threshold is not None and not -1.0 <= self.duplicate_threshold <= 1.0:
-            raise ValueError(f"FilterConfig.duplicate_threshold is a cosine in [-1, 1], got {self.duplicate_threshold}")
+            raise ValueError(
+                f"FilterConfig.duplicate_threshold is a cosine in [-1, 1], got {self.duplicate_threshold}"
+            )
         if not 0.0 <= self.occlusion_threshold <= 1.0:
-            raise ValueError(f"FilterConfig.occlusion_threshold is a probability, got {self.occlusion_threshold}")
+            raise ValueError(
+                f"FilterConfig.occlusion_threshold is a probability, got {self.occlusion_threshold}"
+            )
         self.occlusion_prompts = tuple(self.occlusion_prompts)
         if self.occlusion and not self.occlusion_prompts:
             raise ValueError("FilterConfig.occlusion is on but occlusion_prompts is empty")
@@ -87,8 +95,9 @@ def face_crop(image: np.ndarray, det: FaceDetection) -> np.ndarray:
     return image[y0:y1, x0:x1] if x1 > x0 + 2 and y1 > y0 + 2 else image
 
 
-def check_face(image: np.ndarray, detections: list[FaceDetection], cfg: FilterConfig
-               ) -> tuple[FaceDetection | None, str | None]:
+def check_face(
+    image: np.ndarray, detections: list[FaceDetection], cfg: FilterConfig
+) -> tuple[FaceDetection | None, str | None]:
     """(face, None) if the image passes, else (None, reason); reasons in :data:`REASONS`."""
     h, w = image.shape[:2]
     if min(h, w) < cfg.min_resolution:
@@ -125,18 +134,18 @@ def near_duplicates(embeddings: np.ndarray, threshold: float, chunk: int = 4096)
     n = len(e)
     keep = np.ones(n, dtype=bool)
     for start in range(0, n, chunk):
-        block = e[start:start + chunk]  # (c, D)
+        block = e[start : start + chunk]  # (c, D)
         alive = np.ones(len(block), dtype=bool)
         for prev in range(0, start, chunk):  # against kept images of earlier chunks
-            kept = np.flatnonzero(keep[prev:prev + chunk]) + prev
+            kept = np.flatnonzero(keep[prev : prev + chunk]) + prev
             if kept.size:
                 alive &= (block @ e[kept].T).max(1) < threshold
         sims = block @ block.T  # (c, c)
         for j in range(len(block)):
             if alive[j]:
-                later = sims[j, j + 1:] >= threshold
-                alive[j + 1:] &= ~later
-        keep[start:start + len(block)] = alive
+                later = sims[j, j + 1 :] >= threshold
+                alive[j + 1 :] &= ~later
+        keep[start : start + len(block)] = alive
     return keep
 
 
@@ -147,9 +156,17 @@ class OcclusionFilter:
     (softmax against the clean prompt, scaled by the model's logit scale) >= ``threshold``.
     """
 
-    def __init__(self, model, preprocess, tokenizer, prompts=DEFAULT_OCCLUSION_PROMPTS,
-                 threshold: float = 0.5, clean_prompt: str = CLEAN_PROMPT, device: str = "cpu",
-                 batch_size: int = 32):
+    def __init__(
+        self,
+        model,
+        preprocess,
+        tokenizer,
+        prompts=DEFAULT_OCCLUSION_PROMPTS,
+        threshold: float = 0.5,
+        clean_prompt: str = CLEAN_PROMPT,
+        device: str = "cpu",
+        batch_size: int = 32,
+    ):
         import torch
 
         if not prompts:
@@ -170,7 +187,9 @@ class OcclusionFilter:
 
         out = []
         for i in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
+            batch = torch.stack([self.preprocess(im) for im in images[i : i + self.batch_size]]).to(
+                self.device
+            )
             with torch.no_grad():
                 feats = self.model.encode_image(batch).float()
             feats = feats / feats.norm(dim=-1, keepdim=True)
@@ -188,14 +207,30 @@ class OcclusionFilter:
         from idforge.models.image_encoder import load_open_clip, load_open_clip_tokenizer
 
         model, preprocess = load_open_clip(spec)
-        return cls(model, preprocess, load_open_clip_tokenizer(spec), cfg.occlusion_prompts,
-                   cfg.occlusion_threshold, cfg.clean_prompt, **kw)
+        return cls(
+            model,
+            preprocess,
+            load_open_clip_tokenizer(spec),
+            cfg.occlusion_prompts,
+            cfg.occlusion_threshold,
+            cfg.clean_prompt,
+            **kw,
+        )
 
     @classmethod
-    def from_open_clip(cls, model_name: str, pretrained: str | None, cfg: FilterConfig, **kw) -> OcclusionFilter:
+    def from_open_clip(
+        cls, model_name: str, pretrained: str | None, cfg: FilterConfig, **kw
+    ) -> OcclusionFilter:
         """Build from an open_clip model name and a LOCAL checkpoint path (never downloads)."""
         import open_clip
 
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
-        return cls(model, preprocess, open_clip.get_tokenizer(model_name), cfg.occlusion_prompts,
-                   cfg.occlusion_threshold, cfg.clean_prompt, **kw)
+        return cls(
+            model,
+            preprocess,
+            open_clip.get_tokenizer(model_name),
+            cfg.occlusion_prompts,
+            cfg.occlusion_threshold,
+            cfg.clean_prompt,
+            **kw,
+        )

@@ -65,9 +65,18 @@ def decode_group(sample: dict, resolution: int) -> list[dict]:
 
 
 class IdentityShardDataset(IterableDataset):
-    def __init__(self, urls: list[str], mode: str = "single", resolution: int = 512, shuffle_buffer: int = 1000,
-                 min_refs: int = 1, max_refs: int = 4, reference: str = "same", seed: int = 0,
-                 repeat: bool = True):
+    def __init__(
+        self,
+        urls: list[str],
+        mode: str = "single",
+        resolution: int = 512,
+        shuffle_buffer: int = 1000,
+        min_refs: int = 1,
+        max_refs: int = 4,
+        reference: str = "same",
+        seed: int = 0,
+        repeat: bool = True,
+    ):
         super().__init__()
         if mode not in ("single", "group"):
             raise ValueError(f"mode must be 'single' or 'group', got {mode!r}")
@@ -109,8 +118,12 @@ class IdentityShardDataset(IterableDataset):
         target, rest = group[order[0]], [group[k] for k in order[1:]] or [group[order[0]]]
         n = min(rng.randint(self.min_refs, self.max_refs), len(rest))
         refs = rest[:n]
-        item = {**target, "refs": torch.stack([r["image"] for r in refs]),
-                "ref_landmarks": torch.stack([r["landmarks"] for r in refs]), "num_refs": n}
+        item = {
+            **target,
+            "refs": torch.stack([r["image"] for r in refs]),
+            "ref_landmarks": torch.stack([r["landmarks"] for r in refs]),
+            "num_refs": n,
+        }
         if all("embedding" in r for r in refs):
             item["ref_embeddings"] = torch.stack([r["embedding"] for r in refs])
         yield item
@@ -137,10 +150,20 @@ class IdentityShardDataset(IterableDataset):
                 return
 
 
-def make_identity_dataset(urls: list[str], mode: str = "single", resolution: int = 512, shuffle_buffer: int = 1000,
-                          min_refs: int = 1, max_refs: int = 4, reference: str = "same", seed: int = 0,
-                          repeat: bool = True) -> IdentityShardDataset:
-    return IdentityShardDataset(urls, mode, resolution, shuffle_buffer, min_refs, max_refs, reference, seed, repeat)
+def make_identity_dataset(
+    urls: list[str],
+    mode: str = "single",
+    resolution: int = 512,
+    shuffle_buffer: int = 1000,
+    min_refs: int = 1,
+    max_refs: int = 4,
+    reference: str = "same",
+    seed: int = 0,
+    repeat: bool = True,
+) -> IdentityShardDataset:
+    return IdentityShardDataset(
+        urls, mode, resolution, shuffle_buffer, min_refs, max_refs, reference, seed, repeat
+    )
 
 
 def collate_identity_samples(items: list[dict]) -> dict:

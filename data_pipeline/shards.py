@@ -66,8 +66,9 @@ def group_sample(group: IdentityGroup) -> dict:
     return sample
 
 
-def write_shards(groups: list[IdentityGroup], out_dir: Path, prefix: str, max_groups_per_shard: int = 1000
-                 ) -> list[str]:
+def write_shards(
+    groups: list[IdentityGroup], out_dir: Path, prefix: str, max_groups_per_shard: int = 1000
+) -> list[str]:
     """Write groups into ``<prefix>-NNNNNN.tar`` shards (atomically each); returns the file names."""
     import webdataset as wds
 
@@ -77,7 +78,7 @@ def write_shards(groups: list[IdentityGroup], out_dir: Path, prefix: str, max_gr
         name = f"{prefix}-{n:06d}.tar"
         tmp = out_dir / f".{name}.tmp"
         with wds.TarWriter(str(tmp)) as sink:
-            for g in groups[start:start + max_groups_per_shard]:
+            for g in groups[start : start + max_groups_per_shard]:
                 sink.write(group_sample(g))
         os.replace(tmp, out_dir / name)
         names.append(name)
@@ -88,8 +89,10 @@ def split_group(identity: str, images: list[GroupImage], max_group_size: int) ->
     safe = identity.replace(".", "_").replace("/", "_")
     if len(images) <= max_group_size:
         return [IdentityGroup(key=safe, identity=identity, images=images)]
-    return [IdentityGroup(key=f"{safe}-p{p:03d}", identity=identity, images=images[s:s + max_group_size])
-            for p, s in enumerate(range(0, len(images), max_group_size))]
+    return [
+        IdentityGroup(key=f"{safe}-p{p:03d}", identity=identity, images=images[s : s + max_group_size])
+        for p, s in enumerate(range(0, len(images), max_group_size))
+    ]
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:

@@ -46,8 +46,14 @@ def _unsafe(name: str) -> bool:
 
 def iter_folder(root: Path, person_folders: bool = False) -> Iterator[SourceItem]:
     annotations = load_annotations(root)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name not in ANNOTATION_FILES
-                   and not p.name.endswith(".tmp") and p.suffix.lower() not in {".json", ".jsonl", ".txt"})
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.name not in ANNOTATION_FILES
+        and not p.name.endswith(".tmp")
+        and p.suffix.lower() not in {".json", ".jsonl", ".txt"}
+    )
     for path in files:
         rel = path.relative_to(root).as_posix()
         if path.suffix.lower() == ".tar":
@@ -62,15 +68,18 @@ def iter_folder(root: Path, person_folders: bool = False) -> Iterator[SourceItem
 def _member_reader(path: Path, member: tarfile.TarInfo) -> Callable[[], bytes]:
     """Read one member on demand: a seek into the plain tar (no archive held in memory)."""
     if member.issparse():
+
         def read_sparse() -> bytes:
             with tarfile.open(path) as tar:
                 return tar.extractfile(member.name).read()
+
         return read_sparse
 
     def read() -> bytes:
         with open(path, "rb") as f:
             f.seek(member.offset_data)
             return f.read(member.size)
+
     return read
 
 
@@ -101,9 +110,11 @@ def iter_shards(paths: list[Path]) -> Iterator[SourceItem]:
             meta = json.loads(sample["meta.json"])
             for i, rec in enumerate(meta["images"]):
                 ext = f"{i:03d}.jpg"
-                yield SourceItem(key=f"{Path(url).name}::{sample['__key__']}/{ext}",
-                                 read=lambda d=sample[ext]: d,
-                                 meta={**rec, "identity": meta.get("identity")})
+                yield SourceItem(
+                    key=f"{Path(url).name}::{sample['__key__']}/{ext}",
+                    read=lambda d=sample[ext]: d,
+                    meta={**rec, "identity": meta.get("identity")},
+                )
 
 
 def open_source(path: str | Path, person_folders: bool = False) -> list[SourceItem]:

@@ -28,14 +28,42 @@ from PIL import Image, ImageDraw
 
 _SS = 4  # supersampling factor
 
-SKIN = {"pale": (236, 208, 190), "fair": (224, 180, 150), "olive": (190, 150, 105), "tan": (165, 115, 80),
-        "brown": (120, 80, 55), "dark": (80, 52, 38)}
-HAIR = {"black": (25, 20, 20), "brown": (95, 60, 30), "blonde": (225, 195, 120), "red": (170, 60, 25),
-        "grey": (150, 150, 150), "white": (235, 235, 235), "blue": (50, 80, 190), "green": (40, 140, 70)}
-EYES = {"brown": (90, 50, 20), "blue": (40, 110, 210), "green": (40, 150, 70), "grey": (120, 130, 140),
-        "amber": (200, 140, 30), "violet": (130, 60, 170)}
-BACKGROUND = {"blue": (70, 110, 200), "green": (80, 170, 90), "red": (200, 70, 70), "yellow": (225, 205, 80),
-              "purple": (140, 80, 170), "teal": (60, 160, 160), "grey": (128, 128, 128), "orange": (230, 140, 60)}
+SKIN = {
+    "pale": (236, 208, 190),
+    "fair": (224, 180, 150),
+    "olive": (190, 150, 105),
+    "tan": (165, 115, 80),
+    "brown": (120, 80, 55),
+    "dark": (80, 52, 38),
+}
+HAIR = {
+    "black": (25, 20, 20),
+    "brown": (95, 60, 30),
+    "blonde": (225, 195, 120),
+    "red": (170, 60, 25),
+    "grey": (150, 150, 150),
+    "white": (235, 235, 235),
+    "blue": (50, 80, 190),
+    "green": (40, 140, 70),
+}
+EYES = {
+    "brown": (90, 50, 20),
+    "blue": (40, 110, 210),
+    "green": (40, 150, 70),
+    "grey": (120, 130, 140),
+    "amber": (200, 140, 30),
+    "violet": (130, 60, 170),
+}
+BACKGROUND = {
+    "blue": (70, 110, 200),
+    "green": (80, 170, 90),
+    "red": (200, 70, 70),
+    "yellow": (225, 205, 80),
+    "purple": (140, 80, 170),
+    "teal": (60, 160, 160),
+    "grey": (128, 128, 128),
+    "orange": (230, 140, 60),
+}
 HAIR_STYLES = ("bald", "short", "long", "fringe", "bun", "curly")
 FACIAL_HAIR = ("none", "none", "beard", "moustache")
 EXPRESSIONS = ("neutral", "smiling", "open", "surprised")
@@ -55,8 +83,10 @@ class SynthIDConfig:
         if self.num_identities < 1 or self.images_per_identity < 1:
             raise ValueError("num_identities and images_per_identity must be >= 1")
         if not 0 <= self.heldout_identities < self.num_identities:
-            raise ValueError(f"heldout_identities must be in [0, num_identities), got {self.heldout_identities} "
-                             f"for {self.num_identities} identities")
+            raise ValueError(
+                f"heldout_identities must be in [0, num_identities), got {self.heldout_identities} "
+                f"for {self.num_identities} identities"
+            )
         if self.resolution < 16:
             raise ValueError(f"resolution must be >= 16 px, got {self.resolution}")
 
@@ -138,14 +168,22 @@ class SynthID:
         has_mole = rng.random() < 0.4
         mole = (float(rng.uniform(-0.6, 0.6)), float(rng.uniform(-0.1, 0.6))) if has_mole else None
         return IdentityParams(
-            aspect=float(rng.uniform(1.1, 1.55)), jaw=float(rng.uniform(0, 1)),
-            eye_spacing=float(rng.uniform(0.30, 0.52)), eye_size=float(rng.uniform(0.09, 0.17)),
-            eye_colour=_pick(rng, list(EYES)), nose_length=float(rng.uniform(0.30, 0.55)),
-            nose_width=float(rng.uniform(0.08, 0.22)), mouth_width=float(rng.uniform(0.45, 0.95)),
-            lip=float(rng.uniform(0.03, 0.10)), brow_thickness=float(rng.uniform(0.03, 0.10)),
-            brow_angle=float(rng.uniform(-0.25, 0.25)), skin=_pick(rng, list(SKIN)),
-            hair_colour=_pick(rng, list(HAIR)), hair_style=_pick(rng, HAIR_STYLES),
-            facial_hair=_pick(rng, FACIAL_HAIR), mole=mole,
+            aspect=float(rng.uniform(1.1, 1.55)),
+            jaw=float(rng.uniform(0, 1)),
+            eye_spacing=float(rng.uniform(0.30, 0.52)),
+            eye_size=float(rng.uniform(0.09, 0.17)),
+            eye_colour=_pick(rng, list(EYES)),
+            nose_length=float(rng.uniform(0.30, 0.55)),
+            nose_width=float(rng.uniform(0.08, 0.22)),
+            mouth_width=float(rng.uniform(0.45, 0.95)),
+            lip=float(rng.uniform(0.03, 0.10)),
+            brow_thickness=float(rng.uniform(0.03, 0.10)),
+            brow_angle=float(rng.uniform(-0.25, 0.25)),
+            skin=_pick(rng, list(SKIN)),
+            hair_colour=_pick(rng, list(HAIR)),
+            hair_style=_pick(rng, HAIR_STYLES),
+            facial_hair=_pick(rng, FACIAL_HAIR),
+            mole=mole,
         )
 
     # ------------------------------------------------------------------ rendering
@@ -183,7 +221,9 @@ class SynthID:
         hair = HAIR[p.hair_colour]
         shift = yaw * 0.25  # inner features move with yaw; the nose tip moves more
         eye_y = -0.18 * a
-        poly = lambda pts, fill: draw.polygon([tuple(q) for q in to_img(pts)], fill=tuple(int(c) for c in fill))
+        poly = lambda pts, fill: draw.polygon(
+            [tuple(q) for q in to_img(pts)], fill=tuple(int(c) for c in fill)
+        )
 
         # hair behind the head
         if p.hair_style == "long":
@@ -216,19 +256,30 @@ class SynthID:
         for side in (-1, 1):
             ex = side * p.eye_spacing + shift
             eyes.append((ex, eye_y))
-            poly(_ellipse(ex, eye_y, p.eye_size * 1.6, p.eye_size * (1.15 if expression == "surprised" else 1.0)),
-                 (245, 245, 245))
+            poly(
+                _ellipse(
+                    ex, eye_y, p.eye_size * 1.6, p.eye_size * (1.15 if expression == "surprised" else 1.0)
+                ),
+                (245, 245, 245),
+            )
             poly(_ellipse(ex, eye_y, p.eye_size * 0.8, p.eye_size * 0.8), EYES[p.eye_colour])
             poly(_ellipse(ex, eye_y, p.eye_size * 0.35, p.eye_size * 0.35), (10, 10, 10))
             by = eye_y - p.eye_size - 0.12 - brow_raise
             half = p.eye_size * 1.8
             dy = side * p.brow_angle * half
-            brow = [[ex - half, by + dy], [ex + half, by - dy], [ex + half, by - dy - p.brow_thickness],
-                    [ex - half, by + dy - p.brow_thickness]]
+            brow = [
+                [ex - half, by + dy],
+                [ex + half, by - dy],
+                [ex + half, by - dy - p.brow_thickness],
+                [ex - half, by + dy - p.brow_thickness],
+            ]
             poly(brow, hair if p.hair_style != "bald" else (60, 45, 35))
         # nose
         tip = (yaw * 0.45, eye_y + p.nose_length)
-        poly([[shift, eye_y + 0.08], [tip[0] + p.nose_width, tip[1]], [tip[0] - p.nose_width, tip[1]]], skin * 0.78)
+        poly(
+            [[shift, eye_y + 0.08], [tip[0] + p.nose_width, tip[1]], [tip[0] - p.nose_width, tip[1]]],
+            skin * 0.78,
+        )
         # mouth
         my = tip[1] + 0.45 + 0.05 * a  # eye-mouth / eye-eye ~ 1.16 on average, as in the ArcFace template
         half_w = p.mouth_width / 2
@@ -243,8 +294,15 @@ class SynthID:
         lower_lip = curve[::-1] + [0, p.lip]
         poly(np.concatenate([upper, lower_lip]), lips)
         if p.facial_hair == "moustache":
-            poly([[shift - half_w * 0.9, my - p.lip - 0.02], [shift + half_w * 0.9, my - p.lip - 0.02],
-                  [shift + half_w * 0.7, my - p.lip - 0.12], [shift - half_w * 0.7, my - p.lip - 0.12]], hair)
+            poly(
+                [
+                    [shift - half_w * 0.9, my - p.lip - 0.02],
+                    [shift + half_w * 0.9, my - p.lip - 0.02],
+                    [shift + half_w * 0.7, my - p.lip - 0.12],
+                    [shift - half_w * 0.7, my - p.lip - 0.12],
+                ],
+                hair,
+            )
         if p.mole is not None:
             poly(_ellipse(p.mole[0] + shift, p.mole[1] * a, 0.05, 0.05), (50, 30, 25))
 
@@ -258,12 +316,24 @@ class SynthID:
             lms[[0, 1]] = lms[[1, 0]]
             lms[[3, 4]] = lms[[4, 3]]
         outline = to_img(face) / _SS - 0.5
-        box = (float(outline[:, 0].min()), float(outline[:, 1].min()), float(outline[:, 0].max()),
-               float(outline[:, 1].max()))
+        box = (
+            float(outline[:, 0].min()),
+            float(outline[:, 1].min()),
+            float(outline[:, 0].max()),
+            float(outline[:, 1].max()),
+        )
         attrs = self._attributes(p, expression, light, bg_kind, bg_name)
-        return SynthIDSample(image=small, landmarks=lms, box=box, caption=self._caption(attrs), attributes=attrs,
-                             identity=identity, index=index, split=self.split_of(identity),
-                             key=f"id{identity:05d}_{index:04d}")
+        return SynthIDSample(
+            image=small,
+            landmarks=lms,
+            box=box,
+            caption=self._caption(attrs),
+            attributes=attrs,
+            identity=identity,
+            index=index,
+            split=self.split_of(identity),
+            key=f"id{identity:05d}_{index:04d}",
+        )
 
     @staticmethod
     def _background(rng, big, kind, name) -> Image.Image:
@@ -304,40 +374,64 @@ class SynthID:
         if p.jaw > 0.7:
             shape = "heart-shaped" if shape != "long" else "narrow"
         return {
-            "face_shape": shape, "eye_size": "small" if p.eye_size < 0.115 else ("large" if p.eye_size > 0.145 else "medium"),
-            "eye_colour": p.eye_colour, "eye_spacing": "wide apart" if p.eye_spacing > 0.43 else (
-                "close together" if p.eye_spacing < 0.36 else "medium"),
-            "nose_length": "long" if p.nose_length > 0.45 else ("short" if p.nose_length < 0.37 else "medium"),
+            "face_shape": shape,
+            "eye_size": "small" if p.eye_size < 0.115 else ("large" if p.eye_size > 0.145 else "medium"),
+            "eye_colour": p.eye_colour,
+            "eye_spacing": "wide apart"
+            if p.eye_spacing > 0.43
+            else ("close together" if p.eye_spacing < 0.36 else "medium"),
+            "nose_length": "long"
+            if p.nose_length > 0.45
+            else ("short" if p.nose_length < 0.37 else "medium"),
             "nose_width": "wide" if p.nose_width > 0.16 else ("narrow" if p.nose_width < 0.12 else "medium"),
             "mouth": "wide" if p.mouth_width > 0.75 else ("small" if p.mouth_width < 0.6 else "medium"),
-            "brows": ("thick" if p.brow_thickness > 0.065 else "thin") + " " + (
-                "arched" if abs(p.brow_angle) > 0.12 else "straight"),
-            "skin": p.skin, "hair_colour": p.hair_colour, "hair_style": p.hair_style,
-            "facial_hair": p.facial_hair, "mole": p.mole is not None, "expression": expression,
-            "lighting": light, "background": f"{bg_kind} {bg_name}",
+            "brows": ("thick" if p.brow_thickness > 0.065 else "thin")
+            + " "
+            + ("arched" if abs(p.brow_angle) > 0.12 else "straight"),
+            "skin": p.skin,
+            "hair_colour": p.hair_colour,
+            "hair_style": p.hair_style,
+            "facial_hair": p.facial_hair,
+            "mole": p.mole is not None,
+            "expression": expression,
+            "lighting": light,
+            "background": f"{bg_kind} {bg_name}",
         }
 
     @staticmethod
     def _caption(at: dict) -> str:
-        eyes = f"{at['eye_size']} {at['eye_colour']} eyes" if at["eye_size"] != "medium" else f"{at['eye_colour']} eyes"
+        eyes = (
+            f"{at['eye_size']} {at['eye_colour']} eyes"
+            if at["eye_size"] != "medium"
+            else f"{at['eye_colour']} eyes"
+        )
         if at["eye_spacing"] != "medium":
             eyes += f" set {at['eye_spacing']}"
         nose = " ".join(w for w in (at["nose_length"], at["nose_width"]) if w != "medium") or "medium"
         hair = "a bald head" if at["hair_style"] == "bald" else f"{at['hair_colour']} {at['hair_style']} hair"
         extra = {"beard": ", a beard", "moustache": ", a moustache"}.get(at["facial_hair"], "")
-        expr = {"neutral": "with a neutral expression", "smiling": "smiling", "open": "with an open mouth",
-                "surprised": "looking surprised"}[at["expression"]]
+        expr = {
+            "neutral": "with a neutral expression",
+            "smiling": "smiling",
+            "open": "with an open mouth",
+            "surprised": "looking surprised",
+        }[at["expression"]]
         light = "lit from the front" if at["lighting"] == "front" else f"lit from the {at['lighting']}"
         kind, colour = at["background"].split()
         bg = f"a {colour} {kind} background" if kind != "noisy" else "a noisy background"
-        return (f"a close-up photo of a person with a {at['face_shape']} face, {at['skin']} skin, {eyes}, "
-                f"a {nose} nose, {at['brows']} brows and {hair}{extra}, {expr}, {light}, on {bg}")
+        return (
+            f"a close-up photo of a person with a {at['face_shape']} face, {at['skin']} skin, {eyes}, "
+            f"a {nose} nose, {at['brows']} brows and {hair}{extra}, {expr}, {light}, on {bg}"
+        )
 
     def samples(self, split: str | None = None) -> Iterator[SynthIDSample]:
         if split not in (None, "train", "heldout"):
             raise ValueError(f"split must be None, 'train' or 'heldout', got {split!r}")
-        ids = range(self.config.num_identities) if split is None else (
-            self.train_ids if split == "train" else self.heldout_ids)
+        ids = (
+            range(self.config.num_identities)
+            if split is None
+            else (self.train_ids if split == "train" else self.heldout_ids)
+        )
         for i in ids:
             for k in range(self.config.images_per_identity):
                 yield self.render(i, k)
@@ -361,10 +455,20 @@ def write_synthid_folder(config: SynthIDConfig, out_dir: str | Path) -> Path:
             tmp = path.with_suffix(".png.tmp")
             s.image.save(tmp, format="PNG")
             os.replace(tmp, path)
-        lines.append(json.dumps({"file": rel, "landmarks": s.landmarks.round(3).tolist(),
-                                 "box": [round(v, 3) for v in s.box], "caption": s.caption,
-                                 "identity": f"id{s.identity:05d}", "split": s.split, "score": s.score,
-                                 "attributes": s.attributes}))
+        lines.append(
+            json.dumps(
+                {
+                    "file": rel,
+                    "landmarks": s.landmarks.round(3).tolist(),
+                    "box": [round(v, 3) for v in s.box],
+                    "caption": s.caption,
+                    "identity": f"id{s.identity:05d}",
+                    "split": s.split,
+                    "score": s.score,
+                    "attributes": s.attributes,
+                }
+            )
+        )
     tmp = out / "landmarks.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "landmarks.jsonl")

@@ -34,9 +34,14 @@ class IdentityGroup:
 
 
 @torch.no_grad()
-def identity_benchmark(model: IdentityGenerator, groups: list[IdentityGroup], face_encoder: torch.nn.Module,
-                       sampling: SamplingConfig | None = None, generated_landmarks: torch.Tensor | None = None,
-                       batch_size: int = 32) -> tuple[dict, dict[str, torch.Tensor]]:
+def identity_benchmark(
+    model: IdentityGenerator,
+    groups: list[IdentityGroup],
+    face_encoder: torch.nn.Module,
+    sampling: SamplingConfig | None = None,
+    generated_landmarks: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the benchmark; returns (figures, images) with images["reference"|"adapter"|"text_only"].
 
     ``face_encoder`` is the evaluation ArcFace (may differ from the one the generator conditions on).
@@ -64,7 +69,9 @@ def identity_benchmark(model: IdentityGenerator, groups: list[IdentityGroup], fa
         sl = slice(i, i + batch_size)
         e_arc, e_clip = model.identity_embeds(refs[sl], ref_lms[sl])
         for name, scale in (("adapter", 1.0), ("text_only", 0.0)):
-            outs[name].append(sample(model, captions[sl], e_arc * scale, e_clip * scale, resolution, sampling))
+            outs[name].append(
+                sample(model, captions[sl], e_arc * scale, e_clip * scale, resolution, sampling)
+            )
     images = {"reference": refs.cpu(), **{k: torch.cat(v).cpu() for k, v in outs.items()}}
     gen_lms = ref_lms if generated_landmarks is None else generated_landmarks.to(device).expand_as(ref_lms)
     fig = {}

@@ -12,12 +12,15 @@ from idforge.models.align_torch import warp_to_template
 
 
 @torch.no_grad()
-def embed_faces(face_encoder: torch.nn.Module, images: torch.Tensor, landmarks: torch.Tensor,
-                batch_size: int = 64) -> torch.Tensor:
+def embed_faces(
+    face_encoder: torch.nn.Module, images: torch.Tensor, landmarks: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """L2-normalised ArcFace embeddings (N, 512) of images (N, 3, H, W) in [-1, 1]."""
     out = []
     for i in range(0, images.shape[0], batch_size):
-        crops = warp_to_template(images[i:i + batch_size].float(), landmarks[i:i + batch_size].float(), out_size=112)
+        crops = warp_to_template(
+            images[i : i + batch_size].float(), landmarks[i : i + batch_size].float(), out_size=112
+        )
         e = face_encoder(crops).float()
         out.append(torch.nn.functional.normalize(e, dim=-1))
     return torch.cat(out)

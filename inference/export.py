@@ -43,7 +43,9 @@ def _split_processor_weights(unet) -> tuple[dict, dict]:
     return base, procs
 
 
-def export_generator(model: IdentityGenerator, out: str | Path, resolution: int, extra: dict | None = None) -> Path:
+def export_generator(
+    model: IdentityGenerator, out: str | Path, resolution: int, extra: dict | None = None
+) -> Path:
     """Write ``model`` (as trained) to ``out``; returns the folder."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,25 +71,42 @@ def export_generator(model: IdentityGenerator, out: str | Path, resolution: int,
     model.face_encoder.save_pretrained(out / "face_encoder")
     spec = getattr(model, "zoo_spec", None)
     image_spec = spec.image_encoder if spec else None
-    local = image_spec[len("local-dir:"):] if image_spec and image_spec.startswith("local-dir:") else None
+    local = image_spec[len("local-dir:") :] if image_spec and image_spec.startswith("local-dir:") else None
     if local and Path(local).is_dir():
         shutil.copytree(local, out / "clip_image_encoder", dirs_exist_ok=True)
         image_spec = "local-dir:clip_image_encoder"
     if has_vae:
         import diffusers
 
-        (out / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": [type(model.scheduler).__module__.split(".")[0], type(model.scheduler).__name__],
-            "safety_checker": [None, None], "feature_extractor": [None, None], "image_encoder": [None, None],
-            "requires_safety_checker": False,
-        }, indent=2))
+        (out / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "StableDiffusionPipeline",
+                    "_diffusers_version": diffusers.__version__,
+                    "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "scheduler": [
+                        type(model.scheduler).__module__.split(".")[0],
+                        type(model.scheduler).__name__,
+                    ],
+                    "safety_checker": [None, None],
+                    "feature_extractor": [None, None],
+                    "image_encoder": [None, None],
+                    "requires_safety_checker": False,
+                },
+                indent=2,
+            )
+        )
     manifest = {
-        "format": "idforge-generator", "version": __version__, "resolution": int(resolution),
-        "codec": "vae" if has_vae else zoo_lib.PIXEL, "image_encoder": image_spec,
-        "image_tokens": spec.image_tokens if spec else "pooled", **(extra or {}),
+        "format": "idforge-generator",
+        "version": __version__,
+        "resolution": int(resolution),
+        "codec": "vae" if has_vae else zoo_lib.PIXEL,
+        "image_encoder": image_spec,
+        "image_tokens": spec.image_tokens if spec else "pooled",
+        **(extra or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     log.info("exported generator to %s", out)
@@ -104,11 +123,16 @@ def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tup
     image_spec = manifest["image_encoder"]
     if image_spec and image_spec.startswith("local-dir:") and not Path(image_spec[10:]).is_absolute():
         image_spec = f"local-dir:{folder / image_spec[10:]}"
-    spec = zoo_lib.ZooSpec(base=str(folder), vae=zoo_lib.PIXEL if manifest["codec"] == zoo_lib.PIXEL else None,
-                           image_encoder=image_spec, image_tokens=manifest.get("image_tokens", "pooled"),
-                           face_encoder=str(folder / "face_encoder"))
-    model = IdentityGenerator.from_config(GeneratorConfig(zoo=spec, adapter_path=str(folder / "adapter"),
-                                                          train_unet=False))
+    spec = zoo_lib.ZooSpec(
+        base=str(folder),
+        vae=zoo_lib.PIXEL if manifest["codec"] == zoo_lib.PIXEL else None,
+        image_encoder=image_spec,
+        image_tokens=manifest.get("image_tokens", "pooled"),
+        face_encoder=str(folder / "face_encoder"),
+    )
+    model = IdentityGenerator.from_config(
+        GeneratorConfig(zoo=spec, adapter_path=str(folder / "adapter"), train_unet=False)
+    )
     if (folder / "adapter" / PROCESSORS).is_file():
         load_identity_processors(model.unet, folder / "adapter")  # strict: keys must match the layout
     return model.to(device).eval(), manifest

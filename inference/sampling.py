@@ -60,8 +60,11 @@ def sample(
     cond = model.condition(arcface_embeds.to(device), clip_embeds.to(device), text)
     use_cfg = cfg.guidance_scale != 1.0
     if use_cfg:
-        null = model.condition(torch.zeros_like(arcface_embeds).to(device), torch.zeros_like(clip_embeds).to(device),
-                               model.encode_text([""] * b))
+        null = model.condition(
+            torch.zeros_like(arcface_embeds).to(device),
+            torch.zeros_like(clip_embeds).to(device),
+            model.encode_text([""] * b),
+        )
     for t in sched.timesteps:
         x_in = sched.scale_model_input(latents, t)
         tt = t.expand(b) if t.dim() == 0 else t

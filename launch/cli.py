@@ -35,8 +35,10 @@ def _demo(args) -> int:
     fig = run_demo(args.out, cfg, report=lambda m: print(m, flush=True))
     print()
     print(format_table(fig))
-    print(f"\nsteps {fig['steps']}, {fig['seconds']:.0f} s in total; wrote {Path(args.out) / 'demo.json'} and "
-          f"{Path(args.out) / 'demo_grid.png'} (rows: reference | adapter | text-only)")
+    print(
+        f"\nsteps {fig['steps']}, {fig['seconds']:.0f} s in total; wrote {Path(args.out) / 'demo.json'} and "
+        f"{Path(args.out) / 'demo_grid.png'} (rows: reference | adapter | text-only)"
+    )
     return 0
 
 
@@ -59,11 +61,20 @@ def _caption_finetune(args) -> int:
 def _cache(args) -> int:
     from idforge.data_pipeline.cache import cache_shards
 
-    summary = cache_shards(args.shards, args.out, {"base": args.base}, args.resolution, device=args.device,
-                           dtype=args.dtype, batch_size=args.batch_size,
-                           progress=lambda name: print(f"cached {name}", flush=True))
-    print(f"{summary['images_encoded']} images encoded into {len(summary['shards'])} shards in {args.out} "
-          f"({len(summary['skipped_existing'])} already cached); train with --data.train_shards pointing there")
+    summary = cache_shards(
+        args.shards,
+        args.out,
+        {"base": args.base},
+        args.resolution,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        progress=lambda name: print(f"cached {name}", flush=True),
+    )
+    print(
+        f"{summary['images_encoded']} images encoded into {len(summary['shards'])} shards in {args.out} "
+        f"({len(summary['skipped_existing'])} already cached); train with --data.train_shards pointing there"
+    )
     return 0
 
 
@@ -101,9 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
     d.add_argument("--quick", action="store_true", help="a much shorter run (for tests and smoke checks)")
     d.add_argument("--seed", type=int, default=None)
-    d.add_argument("--steps", type=int, default=None, help="generator training steps (default: 500, quick: 4)")
-    d.add_argument("--identity-loss", type=float, default=None, metavar="LAMBDA",
-                   help="train with the time-weighted ArcFace identity loss at this weight (default: off)")
+    d.add_argument(
+        "--steps", type=int, default=None, help="generator training steps (default: 500, quick: 4)"
+    )
+    d.add_argument(
+        "--identity-loss",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="train with the time-weighted ArcFace identity loss at this weight (default: off)",
+    )
     d.set_defaults(func=_demo)
 
     c = sub.add_parser("curate", help="curate raw photos into identity-grouped webdataset shards")
@@ -121,29 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("cache", help="add cached VAE latents and CLIP text states to curated shards")
     k.add_argument("--shards", required=True, help="folder of shards written by `idforge curate`")
     k.add_argument("--out", required=True, help="output folder for the cached copies (resumable)")
-    k.add_argument("--base", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="diffusers folder or hub name holding vae/, text_encoder/, tokenizer/ (or tiny:/folder)")
+    k.add_argument(
+        "--base",
+        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        help="diffusers folder or hub name holding vae/, text_encoder/, tokenizer/ (or tiny:/folder)",
+    )
     k.add_argument("--resolution", type=int, required=True, help="training resolution the latents are for")
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     k.add_argument("--batch-size", type=int, default=16)
     k.set_defaults(func=_cache)
 
-    sub.add_parser("train", help="LightningCLI: idforge train fit --config configs/train/tiny.yaml",
-                   add_help=False)
+    sub.add_parser(
+        "train", help="LightningCLI: idforge train fit --config configs/train/tiny.yaml", add_help=False
+    )
 
     e = sub.add_parser("export", help="export a training checkpoint to a self-contained model folder")
     e.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `idforge train fit`")
     e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--resolution", type=int, default=None, help="generation resolution (default: from the data)")
+    e.add_argument(
+        "--resolution", type=int, default=None, help="generation resolution (default: from the data)"
+    )
     e.set_defaults(func=_export)
 
     g = sub.add_parser("generate", help="generate images of a reference face's identity")
     g.add_argument("--model", required=True, help="folder written by `idforge export` (or `idforge demo`)")
     g.add_argument("--reference", required=True, help="reference face image")
-    g.add_argument("--landmarks", default=None,
-                   help="5 landmarks of the reference as JSON [[x,y]*5]; default: the image is already an "
-                        "aligned crop at the model's template")
+    g.add_argument(
+        "--landmarks",
+        default=None,
+        help="5 landmarks of the reference as JSON [[x,y]*5]; default: the image is already an "
+        "aligned crop at the model's template",
+    )
     g.add_argument("--prompt", action="append", required=True, help="caption; repeat for several images")
     g.add_argument("--out", required=True, help="output folder for PNGs")
     g.add_argument("--steps", type=int, default=50)
@@ -156,8 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="folder written by `idforge export`")
     v.add_argument("--shards", required=True, help="held-out shards (glob or brace pattern)")
     v.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    v.add_argument("--guidance", type=float, default=1.0,
-                   help="classifier-free guidance scale against the null identity (the demo uses 2.0)")
+    v.add_argument(
+        "--guidance",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale against the null identity (the demo uses 2.0)",
+    )
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--max-identities", type=int, default=200)
     v.add_argument("--out", default=None, help="write the figures as JSON here")
@@ -177,8 +208,13 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero",
-                 "lightning.fabric.utilities.rank_zero"):
+    for name in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
@@ -194,8 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         run_train(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     return int(args.func(args) or 0)
 
 

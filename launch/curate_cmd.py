@@ -9,19 +9,31 @@ import yaml
 
 
 def add_curate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="image folder (optionally with landmarks.jsonl), .tar, or shards")
+    p.add_argument(
+        "--input", required=True, help="image folder (optionally with landmarks.jsonl), .tar, or shards"
+    )
     p.add_argument("--output", required=True, help="output folder for shards + manifest.json")
     p.add_argument("--config", default=None, help="YAML with CurateConfig fields (configs/curate/*.yaml)")
     p.add_argument("--detector", choices=["landmarks", "dlib", "insightface"], default=None)
     p.add_argument("--embedder", default=None, help="face-encoder folder, backbone.pth or recognition .onnx")
     p.add_argument("--resolution", type=int, default=None, help="training resolution of the stored crops")
     p.add_argument("--person-folders", action="store_true", help="first sub-folder names the person")
-    p.add_argument("--captioner", choices=["provided", "celeba", "blip", "lavis"], default=None,
-                   help="caption backend (options via captioner_options in --config)")
-    p.add_argument("--cluster", choices=["none", "labelled", "unlabelled"], default=None,
-                   help="identity clustering (needs --embedder); report written beside the shards")
+    p.add_argument(
+        "--captioner",
+        choices=["provided", "celeba", "blip", "lavis"],
+        default=None,
+        help="caption backend (options via captioner_options in --config)",
+    )
+    p.add_argument(
+        "--cluster",
+        choices=["none", "labelled", "unlabelled"],
+        default=None,
+        help="identity clustering (needs --embedder); report written beside the shards",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes for the per-unit stage")
-    p.add_argument("--rank", type=int, default=None, help="this worker's index (default: $RANK / SLURM array id)")
+    p.add_argument(
+        "--rank", type=int, default=None, help="this worker's index (default: $RANK / SLURM array id)"
+    )
     p.add_argument("--world-size", type=int, default=None, help="number of workers (default: $WORLD_SIZE)")
 
 
@@ -34,9 +46,15 @@ def run_curate_command(args) -> int:
     if args.config:
         with open(args.config) as f:
             fields = yaml.safe_load(f) or {}
-    overrides = {"detector": args.detector, "embedder": args.embedder, "resolution": args.resolution,
-                 "workers": args.workers, "rank": args.rank, "world_size": args.world_size,
-                 "captioner": args.captioner}
+    overrides = {
+        "detector": args.detector,
+        "embedder": args.embedder,
+        "resolution": args.resolution,
+        "workers": args.workers,
+        "rank": args.rank,
+        "world_size": args.world_size,
+        "captioner": args.captioner,
+    }
     fields.update({k: v for k, v in overrides.items() if v is not None})
     if args.person_folders:
         fields["person_folders"] = True
@@ -48,8 +66,10 @@ def run_curate_command(args) -> int:
     with tqdm(total=total, unit="img", desc="curate") as bar:
         manifest = run_curation(cfg, progress=bar.update)
     if manifest is None:
-        print(f"worker {cfg.rank}/{cfg.world_size}: units done; other workers' units pending "
-              "(re-run any worker once all finish to write the shards)")
+        print(
+            f"worker {cfg.rank}/{cfg.world_size}: units done; other workers' units pending "
+            "(re-run any worker once all finish to write the shards)"
+        )
         return 0
     secs = time.perf_counter() - t0
     print(f"\n{'files seen':<24}{manifest['files_seen']:>8}")

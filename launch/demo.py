@@ -41,8 +41,9 @@ class DemoConfig:
     steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
-    adapter: dict = field(default_factory=lambda: {"variant": "final", "input_layernorm": True,
-                                                   "normalize_by_length": True})
+    adapter: dict = field(
+        default_factory=lambda: {"variant": "final", "input_layernorm": True, "normalize_by_length": True}
+    )
     prediction_type: str = "sample"
     identity_loss: float = 0.0
     """lambda_id of the time-weighted identity loss (0: off)."""
@@ -51,15 +52,33 @@ class DemoConfig:
     guidance_scale: float = 2.0
     sampling_steps: int = 25
     seed: int = 0
-    tiny: dict = field(default_factory=lambda: {"unet_channels": (32, 64, 64), "unet_attention": (False, True, True),
-                                                "cross_attention_dim": 64, "text_hidden": 64})
+    tiny: dict = field(
+        default_factory=lambda: {
+            "unet_channels": (32, 64, 64),
+            "unet_attention": (False, True, True),
+            "cross_attention_dim": 64,
+            "text_hidden": 64,
+        }
+    )
 
     @classmethod
     def quick(cls) -> DemoConfig:
         """A shorter run for tests: the same stages, small sizes."""
-        return cls(num_identities=12, heldout_identities=4, images_per_identity=4, face_epochs=1, steps=4, batch_size=8, sampling_steps=3,
-                   tiny={"unet_channels": (16, 32), "unet_attention": (False, True), "cross_attention_dim": 32,
-                         "text_hidden": 32})
+        return cls(
+            num_identities=12,
+            heldout_identities=4,
+            images_per_identity=4,
+            face_epochs=1,
+            steps=4,
+            batch_size=8,
+            sampling_steps=3,
+            tiny={
+                "unet_channels": (16, 32),
+                "unet_attention": (False, True),
+                "cross_attention_dim": 32,
+                "text_hidden": 32,
+            },
+        )
 
 
 class _Clock:
@@ -112,59 +131,107 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     torch.manual_seed(cfg.seed)
     clock = _Clock(report)
 
-    synth_cfg = SynthIDConfig(num_identities=cfg.num_identities, images_per_identity=cfg.images_per_identity,
-                              resolution=cfg.render_resolution, heldout_identities=cfg.heldout_identities,
-                              seed=cfg.seed)
+    synth_cfg = SynthIDConfig(
+        num_identities=cfg.num_identities,
+        images_per_identity=cfg.images_per_identity,
+        resolution=cfg.render_resolution,
+        heldout_identities=cfg.heldout_identities,
+        seed=cfg.seed,
+    )
     synth = SynthID(synth_cfg)
     write_synthid_folder(synth_cfg, out / "synthid")
-    clock.done("render", f"{len(synth)} SynthID images, {len(synth.train_ids)} train / "
-                         f"{len(synth.heldout_ids)} held-out identities")
+    clock.done(
+        "render",
+        f"{len(synth)} SynthID images, {len(synth.train_ids)} train / "
+        f"{len(synth.heldout_ids)} held-out identities",
+    )
 
     crops, labels = _aligned_arrays(synth, list(synth.train_ids), cfg.images_per_identity, 112, 1.0)
     face_cfg = IResNetConfig(layers=(1, 1, 1, 1), widths=tuple(cfg.face_widths))
-    encoder, _ = fit_face_encoder(crops, labels, face_cfg, epochs=cfg.face_epochs, batch_size=cfg.face_batch_size,
-                                  seed=cfg.seed)
+    encoder, _ = fit_face_encoder(
+        crops, labels, face_cfg, epochs=cfg.face_epochs, batch_size=cfg.face_batch_size, seed=cfg.seed
+    )
     encoder.eval()
     h_crops, h_labels = _aligned_arrays(synth, list(synth.heldout_ids), cfg.images_per_identity, 112, 1.0)
     ver = verification_scores(encoder, h_crops, h_labels)
-    clock.done("face encoder", f"held-out same-person cos {ver['same_mean']:.3f}, "
-                               f"different-person cos {ver['diff_mean']:.3f}")
+    clock.done(
+        "face encoder",
+        f"held-out same-person cos {ver['same_mean']:.3f}, different-person cos {ver['diff_mean']:.3f}",
+    )
 
-    zoo = build_tiny(out / "zoo", TinyConfig(resolution=cfg.resolution, codec="pixel", seed=cfg.seed,
-                                             beta_schedule="squaredcos_cap_v2", prediction_type=cfg.prediction_type,
-                                             **cfg.tiny))
+    zoo = build_tiny(
+        out / "zoo",
+        TinyConfig(
+            resolution=cfg.resolution,
+            codec="pixel",
+            seed=cfg.seed,
+            beta_schedule="squaredcos_cap_v2",
+            prediction_type=cfg.prediction_type,
+            **cfg.tiny,
+        ),
+    )
     encoder.save_pretrained(out / "zoo" / "face_encoder")
-    manifest = curate_demo_shards(out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution,
-                                  cfg.crop_scale)
-    clock.done("curate", f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "
-                         f"rejected {manifest['rejected']}")
+    manifest = curate_demo_shards(
+        out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution, cfg.crop_scale
+    )
+    clock.done(
+        "curate",
+        f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "
+        f"rejected {manifest['rejected']}",
+    )
 
     id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
-    module = IdentityDiffusionModule(GeneratorConfig(zoo=zoo, adapter=dict(cfg.adapter), train_unet=True),
-                                     identity_loss=id_loss, optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
-                                     id_drop_prob=cfg.id_drop_prob)
-    trainer = L.Trainer(max_steps=cfg.steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        gradient_clip_val=1.0, default_root_dir=str(out))
-    trainer.fit(module, train_dataloaders=shard_loader(out / "shards", cfg.resolution, cfg.batch_size, cfg.seed))
-    clock.done("train generator", f"{cfg.steps} steps, batch {cfg.batch_size}, "
-                                  f"final loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}")
+    module = IdentityDiffusionModule(
+        GeneratorConfig(zoo=zoo, adapter=dict(cfg.adapter), train_unet=True),
+        identity_loss=id_loss,
+        optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
+        id_drop_prob=cfg.id_drop_prob,
+    )
+    trainer = L.Trainer(
+        max_steps=cfg.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        gradient_clip_val=1.0,
+        default_root_dir=str(out),
+    )
+    trainer.fit(
+        module, train_dataloaders=shard_loader(out / "shards", cfg.resolution, cfg.batch_size, cfg.seed)
+    )
+    clock.done(
+        "train generator",
+        f"{cfg.steps} steps, batch {cfg.batch_size}, "
+        f"final loss {float(trainer.callback_metrics.get('train/loss', float('nan'))):.4f}",
+    )
 
-    export_dir = export_generator(module.model, out / "export", cfg.resolution, extra={"crop_scale": cfg.crop_scale})
+    export_dir = export_generator(
+        module.model, out / "export", cfg.resolution, extra={"crop_scale": cfg.crop_scale}
+    )
     model, _ = load_exported(export_dir)
     clock.done("export", str(export_dir))
 
     groups = heldout_groups(out / "shards", cfg.resolution)
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
-    figures, images = identity_benchmark(model, groups, model.face_encoder,
-                                         SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed,
-                                                        guidance_scale=cfg.guidance_scale),
-                                         generated_landmarks=lms)
+    figures, images = identity_benchmark(
+        model,
+        groups,
+        model.face_encoder,
+        SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale),
+        generated_landmarks=lms,
+    )
     clock.done("generate + evaluate", f"{len(groups)} held-out identities")
 
     _save_grid(images, out / "demo_grid.png")
-    figures.update(steps=cfg.steps, seconds=round(time.perf_counter() - clock.t0, 1), stages=clock.stages,
-                   face_encoder=ver, config=asdict(cfg))
+    figures.update(
+        steps=cfg.steps,
+        seconds=round(time.perf_counter() - clock.t0, 1),
+        stages=clock.stages,
+        face_encoder=ver,
+        config=asdict(cfg),
+    )
     (out / "demo.json").write_text(json.dumps(figures, indent=2, default=str))
     return figures
 
@@ -175,7 +242,9 @@ def _save_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 8) -> No
     n = min(rows, images["reference"].shape[0])
     cols = [images[k][:n] for k in ("reference", "adapter", "text_only")]
     grid = torch.stack(cols, dim=1).flatten(0, 1)  # (n*3, 3, H, W): rows = identities
-    grid = torch.nn.functional.interpolate((grid + 1) / 2, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest")
+    grid = torch.nn.functional.interpolate(
+        (grid + 1) / 2, scale_factor=max(1, 64 // grid.shape[-1]), mode="nearest"
+    )
     save_image(grid, path, nrow=3, padding=2)
 
 
@@ -187,8 +256,10 @@ def format_table(fig: dict) -> str:
         ("different identities (floor)", fig["fs_different"]),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"FS on {fig['heldout_identities']} held-out identities (cosine of face-encoder embeddings)",
-             f"{'':<{width}}  FS"]
+    lines = [
+        f"FS on {fig['heldout_identities']} held-out identities (cosine of face-encoder embeddings)",
+        f"{'':<{width}}  FS",
+    ]
     lines += [f"{name:<{width}}  {value:+.3f}" for name, value in rows]
     lines.append(f"{'gap adapter - text-only':<{width}}  {fig['fs_adapter'] - fig['fs_text_only']:+.3f}")
     return "\n".join(lines)

@@ -13,11 +13,19 @@ from idforge.eval.benchmark import IdentityGroup
 from torch.utils.data import DataLoader
 
 
-def curate_demo_shards(synthid_dir: Path, shards_dir: Path, face_encoder: str, resolution: int,
-                       crop_scale: float) -> dict:
-    cfg = CurateConfig(input=str(synthid_dir), output=str(shards_dir), detector="landmarks", embedder=face_encoder,
-                       resolution=resolution, crop_scale=crop_scale, unit_size=512,
-                       filters=FilterConfig(min_resolution=32, min_face_px=8))
+def curate_demo_shards(
+    synthid_dir: Path, shards_dir: Path, face_encoder: str, resolution: int, crop_scale: float
+) -> dict:
+    cfg = CurateConfig(
+        input=str(synthid_dir),
+        output=str(shards_dir),
+        detector="landmarks",
+        embedder=face_encoder,
+        resolution=resolution,
+        crop_scale=crop_scale,
+        unit_size=512,
+        filters=FilterConfig(min_resolution=32, min_face_px=8),
+    )
     manifest = run_curation(cfg)
     if manifest is None:  # single worker: every unit is ours
         raise RuntimeError(f"curation of {synthid_dir} did not finalize")
@@ -41,7 +49,14 @@ def load_groups(urls: list[str], resolution: int, max_identities: int | None = N
     photos: dict[str, list[dict]] = defaultdict(list)
     for item in ds:
         photos[item["identity"]].append(item)
-    groups = [IdentityGroup(identity=k, images=torch.stack([p["image"] for p in v]),
-                            landmarks=torch.stack([p["landmarks"] for p in v]), captions=[p["caption"] for p in v])
-              for k, v in photos.items() if len(v) >= 2]
+    groups = [
+        IdentityGroup(
+            identity=k,
+            images=torch.stack([p["image"] for p in v]),
+            landmarks=torch.stack([p["landmarks"] for p in v]),
+            captions=[p["caption"] for p in v],
+        )
+        for k, v in photos.items()
+        if len(v) >= 2
+    ]
     return groups[:max_identities] if max_identities else groups

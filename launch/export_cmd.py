@@ -12,18 +12,22 @@ from idforge.models.generator import GeneratorConfig, IdentityGenerator
 def export_checkpoint(checkpoint: str | Path, out: str | Path, resolution: int | None = None) -> Path:
     ckpt_path = Path(checkpoint)
     if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path}: checkpoint not found (written by `idforge train fit` under "
-                                "the trainer's default_root_dir/checkpoints)")
+        raise FileNotFoundError(
+            f"{ckpt_path}: checkpoint not found (written by `idforge train fit` under "
+            "the trainer's default_root_dir/checkpoints)"
+        )
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters", {})
     if "generator" not in hp:
         raise ValueError(f"{ckpt_path}: no generator hyper-parameters; was it written by idforge's trainer?")
     model = IdentityGenerator.from_config(GeneratorConfig(**hp["generator"]))
-    state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     expected = set(model.trainable_state_dict())
     missing = expected - set(state)
     if missing:
-        raise ValueError(f"{ckpt_path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}")
+        raise ValueError(
+            f"{ckpt_path}: checkpoint lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[:3]}"
+        )
     model.load_state_dict(state, strict=False)
     res = resolution or int(model.unet.config.sample_size) * model.codec.downsample
     return export_generator(model, out, res)

@@ -37,12 +37,20 @@ def _load_reference(path: Path, resolution: int, landmarks, crop_scale: float):
 def run_generate(args) -> list[Path]:
     model, manifest = load_exported(args.model, device=args.device)
     res = int(manifest["resolution"])
-    ref, lms = _load_reference(Path(args.reference), res, args.landmarks, float(manifest.get("crop_scale", 1.0)))
+    ref, lms = _load_reference(
+        Path(args.reference), res, args.landmarks, float(manifest.get("crop_scale", 1.0))
+    )
     e_arc, e_clip = model.identity_embeds(ref.to(model.device), lms.to(model.device))
     prompts = list(args.prompt)
     n = len(prompts)
-    images = sample(model, prompts, e_arc.expand(n, -1), e_clip.expand(n, *e_clip.shape[1:]), res,
-                    SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed))
+    images = sample(
+        model,
+        prompts,
+        e_arc.expand(n, -1),
+        e_clip.expand(n, *e_clip.shape[1:]),
+        res,
+        SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -13,8 +13,14 @@ from lightning.pytorch.cli import LightningCLI
 
 
 def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(IdentityDiffusionModule, ShardDataModule, args=args, run=run,
-                        save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": "idforge train"})
+    return LightningCLI(
+        IdentityDiffusionModule,
+        ShardDataModule,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "idforge train"},
+    )
 
 
 class _ParseOnlyCLI(LightningCLI):
@@ -26,6 +32,11 @@ class _ParseOnlyCLI(LightningCLI):
 
 def parse_train_config(args: list[str]):
     """Validate training arguments/YAML against the constructors; returns the parsed namespace."""
-    cli = _ParseOnlyCLI(IdentityDiffusionModule, ShardDataModule, args=args, run=False,
-                        parser_kwargs={"prog": "idforge train"})
+    cli = _ParseOnlyCLI(
+        IdentityDiffusionModule,
+        ShardDataModule,
+        args=args,
+        run=False,
+        parser_kwargs={"prog": "idforge train"},
+    )
     return cli.config

@@ -33,8 +33,14 @@ ARCFACE_TEMPLATE_112 = torch.tensor(
 """insightface's ``arcface_dst``: image-left eye, image-right eye, nose tip, mouth corners (x, y)."""
 
 # torch padding mode for each OpenCV border mode name used in data_pipeline/align.py
-PADDING_MODES = {"zeros": "zeros", "constant": "zeros", "border": "border", "replicate": "border",
-                 "reflection": "reflection", "reflect": "reflection"}
+PADDING_MODES = {
+    "zeros": "zeros",
+    "constant": "zeros",
+    "border": "border",
+    "replicate": "border",
+    "reflection": "reflection",
+    "reflect": "reflection",
+}
 
 
 def estimate_similarity_torch(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -48,8 +54,10 @@ def estimate_similarity_torch(src: torch.Tensor, dst: torch.Tensor) -> torch.Ten
     if dst.dim() == 2:
         dst = dst.unsqueeze(0).expand(src.shape[0], -1, -1)  # (B, N, 2)
     if dst.shape != src.shape:
-        raise ValueError(f"estimate_similarity_torch: dst must be (N, 2) or (B, N, 2) matching src "
-                         f"{tuple(src.shape)}, got {tuple(dst.shape)}")
+        raise ValueError(
+            f"estimate_similarity_torch: dst must be (N, 2) or (B, N, 2) matching src "
+            f"{tuple(src.shape)}, got {tuple(dst.shape)}"
+        )
     out_dtype = torch.promote_types(src.dtype, torch.float32)
     s64, d64 = src.double(), dst.to(src.device).double()
     mu_s, mu_d = s64.mean(1, keepdim=True), d64.mean(1, keepdim=True)  # (B, 1, 2)
@@ -69,20 +77,25 @@ def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
     return torch.cat([inv, -inv @ t], dim=-1)
 
 
-def warp_affine(images: torch.Tensor, matrix: torch.Tensor, out_size: int | tuple[int, int],
-                padding_mode: str = "border") -> torch.Tensor:
+def warp_affine(
+    images: torch.Tensor, matrix: torch.Tensor, out_size: int | tuple[int, int], padding_mode: str = "border"
+) -> torch.Tensor:
     """``cv2.warpAffine`` in torch: out(p) = images(M^-1 p) for a (B, 2, 3) ``matrix``, bilinear.
 
     ``out_size`` is an int (square) or (height, width); ``padding_mode`` is one of
     :data:`PADDING_MODES` ("zeros" = cv2's BORDER_CONSTANT, "border" = BORDER_REPLICATE).
     """
     if images.dim() != 4 or not images.is_floating_point():
-        raise ValueError(f"warp_affine: images must be a float (B, C, H, W) tensor, got "
-                         f"{images.dtype} {tuple(images.shape)}; convert uint8 with .float()")
+        raise ValueError(
+            f"warp_affine: images must be a float (B, C, H, W) tensor, got "
+            f"{images.dtype} {tuple(images.shape)}; convert uint8 with .float()"
+        )
     if matrix.shape != (images.shape[0], 2, 3):
         raise ValueError(f"warp_affine: matrix must be ({images.shape[0]}, 2, 3), got {tuple(matrix.shape)}")
     if padding_mode not in PADDING_MODES:
-        raise ValueError(f"warp_affine: padding_mode must be one of {sorted(PADDING_MODES)}, got {padding_mode!r}")
+        raise ValueError(
+            f"warp_affine: padding_mode must be one of {sorted(PADDING_MODES)}, got {padding_mode!r}"
+        )
     b, _, h, w = images.shape
     oh, ow = (out_size, out_size) if isinstance(out_size, int) else out_size
     inv = invert_affine(matrix.to(images.device, images.dtype))  # output pixel -> input pixel
@@ -94,11 +107,14 @@ def warp_affine(images: torch.Tensor, matrix: torch.Tensor, out_size: int | tupl
     gx = (2 * src[..., 0] + 1) / w - 1  # align_corners=False: centre i -> (2i + 1) / W - 1
     gy = (2 * src[..., 1] + 1) / h - 1
     grid = torch.stack([gx, gy], -1).reshape(b, oh, ow, 2)  # (B, oh, ow, 2)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode=PADDING_MODES[padding_mode],
-                         align_corners=False)
+    return F.grid_sample(
+        images, grid, mode="bilinear", padding_mode=PADDING_MODES[padding_mode], align_corners=False
+    )
 
 
-def template_matrix(landmarks: torch.Tensor, out_size: int = 112, template: torch.Tensor | None = None) -> torch.Tensor:
+def template_matrix(
+    landmarks: torch.Tensor, out_size: int = 112, template: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B, 2, 3) matrices from image pixels to the ``out_size`` crop for (B, 5, 2) landmarks.
 
     ``template`` ((5, 2) or (B, 5, 2), pixel coordinates of the crop) defaults to the ArcFace 112
@@ -110,15 +126,22 @@ def template_matrix(landmarks: torch.Tensor, out_size: int = 112, template: torc
     return estimate_similarity_torch(landmarks, tpl.to(landmarks.device))
 
 
-def warp_to_template(images: torch.Tensor, landmarks: torch.Tensor, out_size: int = 112,
-                     template: torch.Tensor | None = None, padding_mode: str = "border") -> torch.Tensor:
+def warp_to_template(
+    images: torch.Tensor,
+    landmarks: torch.Tensor,
+    out_size: int = 112,
+    template: torch.Tensor | None = None,
+    padding_mode: str = "border",
+) -> torch.Tensor:
     """Align (B, C, H, W) images with their (B, 5, 2) landmarks (pixel coordinates) -> (B, C, out, out).
 
     Differentiable with respect to ``images`` and ``landmarks``; each batch element uses only its
     own landmarks. ``template`` as in :func:`template_matrix`.
     """
     if images.dim() != 4 or landmarks.shape[0] != images.shape[0]:
-        raise ValueError(f"warp_to_template: images must be (B, C, H, W) and landmarks (B, 5, 2) with the "
-                         f"same B, got {tuple(images.shape)} and {tuple(landmarks.shape)}")
+        raise ValueError(
+            f"warp_to_template: images must be (B, C, H, W) and landmarks (B, 5, 2) with the "
+            f"same B, got {tuple(images.shape)} and {tuple(landmarks.shape)}"
+        )
     m = template_matrix(landmarks.to(images.device), out_size, template)
     return warp_affine(images, m, out_size, padding_mode)

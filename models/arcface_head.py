@@ -21,12 +21,20 @@ from torch import nn
 
 
 class ArcFaceHead(nn.Module):
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m: float = 0.5,
-                 easy_margin: bool = False):
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        s: float = 64.0,
+        m: float = 0.5,
+        easy_margin: bool = False,
+    ):
         super().__init__()
         if num_classes < 2 or embedding_size < 1:
-            raise ValueError(f"ArcFaceHead needs >= 2 classes and a positive embedding size, got "
-                             f"num_classes={num_classes}, embedding_size={embedding_size}")
+            raise ValueError(
+                f"ArcFaceHead needs >= 2 classes and a positive embedding size, got "
+                f"num_classes={num_classes}, embedding_size={embedding_size}"
+            )
         if s <= 0 or not 0 <= m < math.pi / 2:
             raise ValueError(f"ArcFaceHead: scale s must be > 0 and margin m in [0, pi/2), got s={s}, m={m}")
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size))
@@ -38,15 +46,19 @@ class ArcFaceHead(nn.Module):
 
     def cosine(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B, num_classes) cos(theta_j), clamped away from +-1 for a finite sqrt gradient."""
-        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float())).clamp(-1 + 1e-7, 1 - 1e-7)
+        return F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float())).clamp(
+            -1 + 1e-7, 1 - 1e-7
+        )
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, D) embeddings, (B,) int labels -> (B, num_classes) scaled logits for cross-entropy."""
         cos = self.cosine(embeddings)
         labels = labels.long()
         if labels.shape != cos.shape[:1] or (labels >= cos.shape[1]).any() or (labels < -1).any():
-            raise ValueError(f"ArcFaceHead: labels must be ({cos.shape[0]},) in [-1, {cos.shape[1] - 1}], got "
-                             f"shape {tuple(labels.shape)}")
+            raise ValueError(
+                f"ArcFaceHead: labels must be ({cos.shape[0]},) in [-1, {cos.shape[1] - 1}], got "
+                f"shape {tuple(labels.shape)}"
+            )
         has_label = labels >= 0
         idx = labels.clamp_min(0).unsqueeze(1)  # (B, 1)
         target = cos.gather(1, idx)  # (B, 1) cos(theta_y)

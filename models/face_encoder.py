@@ -53,8 +53,10 @@ class FaceEncoder(nn.Module):
         """(B, 3, 112, 112) RGB in [-1, 1] -> (B, 512) float32, L2-normalised."""
         s = self.input_size
         if aligned.dim() != 4 or aligned.shape[1:] != (3, s, s):
-            raise ValueError(f"FaceEncoder expects aligned (B, 3, {s}, {s}) crops in [-1, 1], got "
-                             f"{tuple(aligned.shape)}; align with idforge.models.align_torch.warp_to_template")
+            raise ValueError(
+                f"FaceEncoder expects aligned (B, 3, {s}, {s}) crops in [-1, 1], got "
+                f"{tuple(aligned.shape)}; align with idforge.models.align_torch.warp_to_template"
+            )
         weight = self.backbone.conv1.weight
         return F.normalize(self.backbone(aligned.to(weight.device, weight.dtype)).float(), dim=-1)
 
@@ -69,8 +71,10 @@ class FaceEncoder(nn.Module):
         images = np.asarray(images)
         s = self.input_size
         if images.ndim != 4 or images.shape[1:] != (s, s, 3) or images.dtype != np.uint8:
-            raise ValueError(f"embed_uint8 expects (B, {s}, {s}, 3) uint8 RGB crops, got {images.dtype} "
-                             f"{images.shape}; align with idforge.data_pipeline.align.align_face first")
+            raise ValueError(
+                f"embed_uint8 expects (B, {s}, {s}, 3) uint8 RGB crops, got {images.dtype} "
+                f"{images.shape}; align with idforge.data_pipeline.align.align_face first"
+            )
         if batch_size < 1:
             raise ValueError(f"embed_uint8: batch_size must be >= 1, got {batch_size}")
         was_training = self.training
@@ -79,7 +83,7 @@ class FaceEncoder(nn.Module):
         out = [np.zeros((0, self.embedding_size), np.float32)]
         try:
             for i in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(device)
+                x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).to(device)
                 x = x.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (b, 3, s, s), (x / 255 - 0.5) / 0.5
                 out.append(self(x).cpu().numpy())
         finally:
@@ -108,7 +112,8 @@ class FaceEncoder(nn.Module):
             raise FileNotFoundError(
                 f"face encoder {path} not found: pass an idforge face-encoder folder, an arcface_torch "
                 "backbone.pth, or an insightface recognition .onnx (e.g. unpack the antelopev2 pack into "
-                "~/.insightface/models/antelopev2/); idforge never downloads weights")
+                "~/.insightface/models/antelopev2/); idforge never downloads weights"
+            )
         suffix = path.suffix.lower()
         if suffix == ".onnx":
             from .onnx_convert import onnx_to_iresnet
@@ -124,23 +129,30 @@ class FaceEncoder(nn.Module):
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # pickled objects beyond tensors are refused, never executed
-                raise ValueError(f"{path}: not loadable with torch.load(weights_only=True) ({e}); save the "
-                                 "backbone's state_dict() only") from e
+                raise ValueError(
+                    f"{path}: not loadable with torch.load(weights_only=True) ({e}); save the "
+                    "backbone's state_dict() only"
+                ) from e
             return cls._from_state_dict(state, arch, str(path))
-        raise ValueError(f"{path}: unsupported face-encoder file {suffix or '(no suffix)'!r}; expected a folder, "
-                         f"an .onnx recogniser, a .safetensors state dict or a {'/'.join(TORCH_SUFFIXES)} "
-                         "arcface_torch checkpoint")
+        raise ValueError(
+            f"{path}: unsupported face-encoder file {suffix or '(no suffix)'!r}; expected a folder, "
+            f"an .onnx recogniser, a .safetensors state dict or a {'/'.join(TORCH_SUFFIXES)} "
+            "arcface_torch checkpoint"
+        )
 
     @classmethod
     def _from_state_dict(cls, state, arch: str | None, source: str) -> FaceEncoder:
         state = clean_state_dict(state, source)
         cfg = config_from_state_dict(state, source)
         if arch is not None:
-            named = IResNetConfig.named(arch, widths=cfg.widths, embedding_size=cfg.embedding_size,
-                                        input_size=cfg.input_size)
+            named = IResNetConfig.named(
+                arch, widths=cfg.widths, embedding_size=cfg.embedding_size, input_size=cfg.input_size
+            )
             if named.layers != cfg.layers:
-                raise ValueError(f"{source}: arch={arch!r} has layers {named.layers} but the weights have "
-                                 f"{cfg.layers}; drop arch= to infer it")
+                raise ValueError(
+                    f"{source}: arch={arch!r} has layers {named.layers} but the weights have "
+                    f"{cfg.layers}; drop arch= to infer it"
+                )
             cfg = named
         model = IResNet(cfg)
         load_arcface_state_dict(model, state, source)
@@ -156,11 +168,15 @@ class FaceEncoder(nn.Module):
             cfg = json.loads(cfg_path.read_text())
             kind = cfg.pop("arch", "iresnet")
             if kind != "iresnet":
-                raise ValueError(f"{cfg_path}: face-encoder architecture {kind!r} is not supported (only 'iresnet')")
+                raise ValueError(
+                    f"{cfg_path}: face-encoder architecture {kind!r} is not supported (only 'iresnet')"
+                )
             known = {f.name for f in fields(IResNetConfig)}
             unknown = sorted(set(cfg) - known)
             if unknown:
-                raise ValueError(f"{cfg_path}: unknown IResNetConfig keys {unknown}; expected a subset of {sorted(known)}")
+                raise ValueError(
+                    f"{cfg_path}: unknown IResNetConfig keys {unknown}; expected a subset of {sorted(known)}"
+                )
             model = IResNet(IResNetConfig(**cfg))
             load_arcface_state_dict(model, load_file(str(weights)), str(weights))
             return cls(model).freeze()
@@ -168,9 +184,12 @@ class FaceEncoder(nn.Module):
         if not candidates:
             from .insightface_encoder import RECOGNIZER_HINTS
 
-            candidates = [p for p in sorted(folder.glob("*.onnx")) if any(h in p.name for h in RECOGNIZER_HINTS)]
+            candidates = [
+                p for p in sorted(folder.glob("*.onnx")) if any(h in p.name for h in RECOGNIZER_HINTS)
+            ]
         if len(candidates) != 1:
             raise FileNotFoundError(
                 f"{folder}: a face-encoder folder needs {CONFIG} + {WEIGHTS} (FaceEncoder.save_pretrained), "
-                f"or exactly one backbone*.pth or recognition .onnx; found {[p.name for p in candidates]}")
+                f"or exactly one backbone*.pth or recognition .onnx; found {[p.name for p in candidates]}"
+            )
         return cls.from_pretrained(candidates[0], arch)

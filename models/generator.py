@@ -50,8 +50,18 @@ class GeneratorConfig:
 class IdentityGenerator(nn.Module):
     """Holds the components and computes the conditioning and the UNet prediction."""
 
-    def __init__(self, unet, codec, text_encoder, tokenizer, image_encoder, face_encoder, adapter,
-                 scheduler, train_unet: bool = True):
+    def __init__(
+        self,
+        unet,
+        codec,
+        text_encoder,
+        tokenizer,
+        image_encoder,
+        face_encoder,
+        adapter,
+        scheduler,
+        train_unet: bool = True,
+    ):
         super().__init__()
         self.unet = unet
         self.codec = codec
@@ -95,8 +105,17 @@ class IdentityGenerator(nn.Module):
             install_identity_processors(unet, cross_attention_dim=int(unet.config.cross_attention_dim))
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        model = cls(unet, codec, text_encoder, tokenizer, image_encoder, face_encoder, adapter, scheduler,
-                    train_unet=cfg.train_unet)
+        model = cls(
+            unet,
+            codec,
+            text_encoder,
+            tokenizer,
+            image_encoder,
+            face_encoder,
+            adapter,
+            scheduler,
+            train_unet=cfg.train_unet,
+        )
         model.zoo_spec = spec
         return model
 
@@ -123,13 +142,22 @@ class IdentityGenerator(nn.Module):
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """e_t = CLIP_text(A): (B, 77, D) last hidden states, as SD1.5 conditions on."""
-        ids = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         return self.text_encoder(ids.to(self.device))[0]
 
     @torch.no_grad()
-    def identity_embeds(self, references: torch.Tensor, landmarks: torch.Tensor | None = None,
-                        arcface_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_embeds(
+        self,
+        references: torch.Tensor,
+        landmarks: torch.Tensor | None = None,
+        arcface_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(e_arc, e_i) of the reference images (B, 3, H, W) in [-1, 1].
 
         e_arc: ArcFace of the 112 x 112 crop aligned with the 5 landmarks (pixel coordinates of
@@ -137,8 +165,10 @@ class IdentityGenerator(nn.Module):
         """
         if arcface_embeds is None:
             if landmarks is None:
-                raise ValueError("identity_embeds needs the references' 5-point landmarks or precomputed "
-                                 "ArcFace embeddings")
+                raise ValueError(
+                    "identity_embeds needs the references' 5-point landmarks or precomputed "
+                    "ArcFace embeddings"
+                )
             arcface_embeds = self.face_embeds(references, landmarks)
         clip_embeds = self.image_encoder(references)
         return arcface_embeds.float(), clip_embeds.float()
@@ -149,15 +179,19 @@ class IdentityGenerator(nn.Module):
         crops = warp_to_template(images.float(), landmarks.float(), out_size=112)
         return self.face_encoder(crops).float()
 
-    def condition(self, arcface_embeds: torch.Tensor, clip_embeds: torch.Tensor,
-                  text_states: torch.Tensor) -> IdentityConditioning:
+    def condition(
+        self, arcface_embeds: torch.Tensor, clip_embeds: torch.Tensor, text_states: torch.Tensor
+    ) -> IdentityConditioning:
         return self.adapter(arcface_embeds, clip_embeds, text_states)
 
-    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: IdentityConditioning) -> torch.Tensor:
+    def predict(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, cond: IdentityConditioning
+    ) -> torch.Tensor:
         """The UNet's prediction (epsilon, v or x0, per the scheduler's prediction type)."""
         kwargs = {"id_tokens": cond.id_tokens} if cond.id_tokens is not None else None
-        return self.unet(noisy, timesteps, encoder_hidden_states=cond.context,
-                         cross_attention_kwargs=kwargs).sample
+        return self.unet(
+            noisy, timesteps, encoder_hidden_states=cond.context, cross_attention_kwargs=kwargs
+        ).sample
 
     @property
     def device(self) -> torch.device:

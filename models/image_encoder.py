@@ -67,7 +67,9 @@ class ClipImageEncoder(nn.Module):
         self.visual = model.visual
         self.tokens = tokens
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if tokens == "patch":
             self.visual.output_tokens = True

@@ -39,9 +39,12 @@ def find_recognizer(name_or_path: str, root: str | Path = "~/.insightface/models
             f"no insightface recognition model for {name_or_path!r}: looked for a file, then for "
             f"{pack}/*.onnx named like w600k_r50.onnx or glintr100.onnx (found {[c.name for c in candidates]}). "
             f"Download the pack on a machine with network access and unpack it into {pack}/; "
-            "idforge never downloads models.")
+            "idforge never downloads models."
+        )
     if len(recs) > 1:
-        log.warning("%s: several recognition candidates %s; using %s", pack, [r.name for r in recs], recs[0].name)
+        log.warning(
+            "%s: several recognition candidates %s; using %s", pack, [r.name for r in recs], recs[0].name
+        )
     return recs[0]
 
 
@@ -54,8 +57,10 @@ class InsightFaceRecognizer:
         self.path = find_recognizer(name_or_path, root)
         self.model = get_model(str(self.path), providers=providers or ["CPUExecutionProvider"])
         if self.model is None or getattr(self.model, "taskname", None) != "recognition":
-            raise ValueError(f"{self.path}: insightface did not load this as a recognition model "
-                             f"(got {type(self.model).__name__}); pass the pack's w600k_r50.onnx/glintr100.onnx")
+            raise ValueError(
+                f"{self.path}: insightface did not load this as a recognition model "
+                f"(got {type(self.model).__name__}); pass the pack's w600k_r50.onnx/glintr100.onnx"
+            )
         self.session = self.model.session
         self.input_name = self.session.get_inputs()[0].name
         batch_dim = self.model.input_shape[0]
@@ -71,11 +76,13 @@ class InsightFaceRecognizer:
         aligned = np.asarray(aligned)
         w, h = self.input_size
         if aligned.ndim != 4 or aligned.shape[1:] != (h, w, 3):
-            raise ValueError(f"{self.path.name}: expected (B, {h}, {w}, 3) uint8 RGB aligned crops, got {aligned.shape}")
+            raise ValueError(
+                f"{self.path.name}: expected (B, {h}, {w}, 3) uint8 RGB aligned crops, got {aligned.shape}"
+            )
         step = self.fixed_batch or max(1, int(batch_size))
         out = [np.zeros((0, self.embedding_size), np.float32)]
         for i in range(0, len(aligned), step):
-            x = aligned[i:i + step].astype(np.float32).transpose(0, 3, 1, 2)  # (b, 3, h, w) RGB
+            x = aligned[i : i + step].astype(np.float32).transpose(0, 3, 1, 2)  # (b, 3, h, w) RGB
             n = len(x)
             if self.fixed_batch and n < self.fixed_batch:  # a fixed-batch graph: pad the last chunk
                 x = np.concatenate([x, np.zeros((self.fixed_batch - n, *x.shape[1:]), np.float32)])

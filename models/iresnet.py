@@ -39,12 +39,18 @@ class IResNetConfig:
     def __post_init__(self):
         self.layers, self.widths = tuple(int(v) for v in self.layers), tuple(int(v) for v in self.widths)
         if len(self.layers) != 4 or len(self.widths) != 4:
-            raise ValueError(f"IResNetConfig: 4 stages needed, got layers={self.layers}, widths={self.widths}")
+            raise ValueError(
+                f"IResNetConfig: 4 stages needed, got layers={self.layers}, widths={self.widths}"
+            )
         if min(self.layers) < 1 or min(self.widths) < 1 or self.embedding_size < 1:
-            raise ValueError(f"IResNetConfig: layers, widths and embedding_size must be positive, got "
-                             f"layers={self.layers}, widths={self.widths}, embedding_size={self.embedding_size}")
+            raise ValueError(
+                f"IResNetConfig: layers, widths and embedding_size must be positive, got "
+                f"layers={self.layers}, widths={self.widths}, embedding_size={self.embedding_size}"
+            )
         if self.input_size <= 0 or self.input_size % 16:
-            raise ValueError(f"IResNetConfig: input_size must be a positive multiple of 16, got {self.input_size}")
+            raise ValueError(
+                f"IResNetConfig: input_size must be a positive multiple of 16, got {self.input_size}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"IResNetConfig: dropout must be in [0, 1), got {self.dropout}")
 
@@ -101,8 +107,9 @@ class IResNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def _make_layer(self, planes: int, blocks: int) -> nn.Sequential:
-        downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, 2, bias=False),
-                                   nn.BatchNorm2d(planes, eps=1e-05))
+        downsample = nn.Sequential(
+            nn.Conv2d(self.inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-05)
+        )
         layers = [IBasicBlock(self.inplanes, planes, 2, downsample)]
         self.inplanes = planes
         layers += [IBasicBlock(planes, planes) for _ in range(1, blocks)]
@@ -154,7 +161,7 @@ def clean_state_dict(state: Mapping, source: str = "state dict") -> dict[str, to
     out = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     for p in _PREFIXES:  # a prefix shared by every key (DDP's module., a wrapper's backbone.)
         if out and all(k.startswith(p) for k in out):
-            out = {k[len(p):]: v for k, v in out.items()}
+            out = {k[len(p) :]: v for k, v in out.items()}
     if not out:
         raise ValueError(f"{source}: contains no tensors; not an arcface_torch backbone checkpoint")
     return out
@@ -166,8 +173,10 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     for stage in range(1, 5):
         blocks = {int(k.split(".")[1]) for k in state if k.startswith(f"layer{stage}.")}
         if not blocks or f"layer{stage}.0.conv1.weight" not in state:
-            raise ValueError(f"{source}: no layer{stage}.* keys (found e.g. {sorted(state)[:3]}); not an "
-                             "arcface_torch IResNet state dict. Pass arch='r50' etc. only for IResNet weights.")
+            raise ValueError(
+                f"{source}: no layer{stage}.* keys (found e.g. {sorted(state)[:3]}); not an "
+                "arcface_torch IResNet state dict. Pass arch='r50' etc. only for IResNet weights."
+            )
         layers.append(max(blocks) + 1)
         widths.append(int(state[f"layer{stage}.0.conv1.weight"].shape[0]))
     if "fc.weight" not in state:
@@ -175,11 +184,17 @@ def config_from_state_dict(state: Mapping[str, torch.Tensor], source: str = "sta
     fc_out, fc_in = (int(v) for v in state["fc.weight"].shape)
     side = round((fc_in / widths[-1]) ** 0.5)
     if side * side * widths[-1] != fc_in:
-        raise ValueError(f"{source}: fc takes {fc_in} features, not widths[-1] x side^2 for width {widths[-1]}")
-    return IResNetConfig(layers=tuple(layers), widths=tuple(widths), embedding_size=fc_out, input_size=side * 16)
+        raise ValueError(
+            f"{source}: fc takes {fc_in} features, not widths[-1] x side^2 for width {widths[-1]}"
+        )
+    return IResNetConfig(
+        layers=tuple(layers), widths=tuple(widths), embedding_size=fc_out, input_size=side * 16
+    )
 
 
-def load_arcface_state_dict(model: IResNet, state: Mapping[str, torch.Tensor], source: str = "state dict") -> None:
+def load_arcface_state_dict(
+    model: IResNet, state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> None:
     """``load_state_dict(strict=True)``, except that missing BatchNorm ``num_batches_tracked`` counters
     (absent from some older exports, and unused in eval) are tolerated."""
     expected = model.state_dict()
@@ -190,5 +205,7 @@ def load_arcface_state_dict(model: IResNet, state: Mapping[str, torch.Tensor], s
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{source}: weights do not fit IResNet(layers={model.config.layers}, "
-                         f"widths={model.config.widths}): {e}") from e
+        raise ValueError(
+            f"{source}: weights do not fit IResNet(layers={model.config.layers}, "
+            f"widths={model.config.widths}): {e}"
+        ) from e

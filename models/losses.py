@@ -188,7 +188,10 @@ class IdentityLoss(nn.Module):
         return self
 
     def select(
-        self, timesteps: torch.Tensor, generator: torch.Generator | None = None, active: torch.Tensor | None = None
+        self,
+        timesteps: torch.Tensor,
+        generator: torch.Generator | None = None,
+        active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sorted indices of the samples the loss is computed on.
 

@@ -100,16 +100,25 @@ def _attr(node, name, default=None):
 
 
 def _bn(graph: OnnxGraph, node) -> dict:
-    return {"weight": graph.value(node.input[1]), "bias": graph.value(node.input[2]),
-            "running_mean": graph.value(node.input[3]), "running_var": graph.value(node.input[4]),
-            "eps": float(_attr(node, "epsilon", 1e-5))}
+    return {
+        "weight": graph.value(node.input[1]),
+        "bias": graph.value(node.input[2]),
+        "running_mean": graph.value(node.input[3]),
+        "running_var": graph.value(node.input[4]),
+        "eps": float(_attr(node, "epsilon", 1e-5)),
+    }
 
 
 def _identity_bn(bias: np.ndarray, eps: float = 1e-5) -> dict:
     """BN parameters computing y = x + bias exactly (torch's IResNet BNs use eps = 1e-5)."""
     c = bias.shape[0]
-    return {"weight": np.ones(c, np.float32), "bias": np.asarray(bias, np.float32),
-            "running_mean": np.zeros(c, np.float32), "running_var": np.full(c, 1.0 - eps, np.float32), "eps": eps}
+    return {
+        "weight": np.ones(c, np.float32),
+        "bias": np.asarray(bias, np.float32),
+        "running_mean": np.zeros(c, np.float32),
+        "running_var": np.full(c, 1.0 - eps, np.float32),
+        "eps": eps,
+    }
 
 
 class _Builder:
@@ -175,13 +184,18 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
         raise FileNotFoundError(f"{path}: ONNX recogniser not found")
     g = OnnxGraph(path)
     ops = [n.op_type for n in g.nodes]
-    adds = [i for i, n in enumerate(g.nodes)
-            if n.op_type == "Add" and len(n.input) == 2 and not any(g.has_value(x) for x in n.input)]
+    adds = [
+        i
+        for i, n in enumerate(g.nodes)
+        if n.op_type == "Add" and len(n.input) == 2 and not any(g.has_value(x) for x in n.input)
+    ]
     if not adds or "Conv" not in ops or "PRelu" not in ops:
-        raise ValueError(f"{path}: no residual Conv/PRelu/Add structure; not an IResNet recognition model "
-                         "(expected e.g. buffalo_l w600k_r50.onnx or antelopev2 glintr100.onnx)")
-    segments = [g.nodes[a + 1: b + 1] for a, b in zip([-1] + adds[:-1], adds)]
-    tail = g.nodes[adds[-1] + 1:]
+        raise ValueError(
+            f"{path}: no residual Conv/PRelu/Add structure; not an IResNet recognition model "
+            "(expected e.g. buffalo_l w600k_r50.onnx or antelopev2 glintr100.onnx)"
+        )
+    segments = [g.nodes[a + 1 : b + 1] for a, b in zip([-1] + adds[:-1], adds)]
+    tail = g.nodes[adds[-1] + 1 :]
     b = _Builder(g)
 
     # stem: Conv (+BN) -> PRelu, then the first block starts at the PRelu output
@@ -191,7 +205,7 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     stem_prelu = next(n for n in first if n.op_type == "PRelu")
     b.conv_bn(stem_conv, _bns_by_input(g, first), "conv1", "bn1")
     b.prelu("prelu", stem_prelu)
-    segments[0] = first[first.index(stem_prelu) + 1:]
+    segments[0] = first[first.index(stem_prelu) + 1 :]
     block_input = stem_prelu.output[0]
 
     layers: list[int] = []
@@ -203,9 +217,11 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
         three = [n for n in convs if g.value(n.input[1]).shape[-1] == 3]
         ones = [n for n in convs if g.value(n.input[1]).shape[-1] == 1]
         if len(three) != 2 or len(ones) > 1 or len(prelus) != 1 or block_input not in bns:
-            raise ValueError(f"{path}: residual block after {block_input!r} has {len(three)} 3x3 convs, {len(ones)} "
-                             f"1x1 convs, {len(prelus)} PRelu and {'a' if block_input in bns else 'no'} input BN; "
-                             "not an IResNet block (bn1-conv1-bn2-prelu-conv2-bn3 + 1x1 downsample)")
+            raise ValueError(
+                f"{path}: residual block after {block_input!r} has {len(three)} 3x3 convs, {len(ones)} "
+                f"1x1 convs, {len(prelus)} PRelu and {'a' if block_input in bns else 'no'} input BN; "
+                "not an IResNet block (bn1-conv1-bn2-prelu-conv2-bn3 + 1x1 downsample)"
+            )
         conv2 = next((n for n in three if g.data_input(n) == prelus[0].output[0]), three[1])
         conv1 = three[0] if conv2 is three[1] else three[1]
         if ones:  # a downsampling block starts a new stage
@@ -221,14 +237,18 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
         if ones:
             b.conv_bn(ones[0], bns, f"{name}.downsample.0", f"{name}.downsample.1")
         if bns:
-            raise ValueError(f"{path}: block {name} has {len(bns)} BatchNormalization nodes with no IResNet role")
+            raise ValueError(
+                f"{path}: block {name} has {len(bns)} BatchNormalization nodes with no IResNet role"
+            )
         layers[-1] += 1
         block_input = seg[-1].output[0]
 
     fc = next((n for n in tail if n.op_type in ("Gemm", "MatMul")), None)
     if fc is None or len(layers) != 4:
-        raise ValueError(f"{path}: expected 4 stages and a bn2 -> fc -> features head, found {len(layers)} stages "
-                         f"and {'an' if fc else 'no'} fc")
+        raise ValueError(
+            f"{path}: expected 4 stages and a bn2 -> fc -> features head, found {len(layers)} stages "
+            f"and {'an' if fc else 'no'} fc"
+        )
     w = g.value(fc.input[1])
     if fc.op_type == "MatMul" or not _attr(fc, "transB", 0):
         w = w.T  # (in, out) -> (out, in)
@@ -237,9 +257,13 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     if fc.op_type == "Gemm" and len(fc.input) > 2 and fc.input[2]:
         b.state["fc.bias"] = g.value(fc.input[2])
     else:
-        bias_add = next((n for n in tail if n.op_type == "Add" and g.data_input(n) == fc_out
-                         and g.has_value(n.input[1])), None)
-        b.state["fc.bias"] = g.value(bias_add.input[1]) if bias_add is not None else np.zeros(w.shape[0], np.float32)
+        bias_add = next(
+            (n for n in tail if n.op_type == "Add" and g.data_input(n) == fc_out and g.has_value(n.input[1])),
+            None,
+        )
+        b.state["fc.bias"] = (
+            g.value(bias_add.input[1]) if bias_add is not None else np.zeros(w.shape[0], np.float32)
+        )
         fc_out = bias_add.output[0] if bias_add is not None else fc_out
     head = _bns_by_input(g, tail)
     features = head.pop(fc_out, None)
@@ -249,18 +273,36 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     b.bn("features", features if features is not None else _identity_bn(np.zeros(w.shape[0], np.float32)))
 
     side = round((w.shape[1] / widths[-1]) ** 0.5)
-    cfg = IResNetConfig(layers=tuple(layers), widths=tuple(widths), embedding_size=int(w.shape[0]), input_size=side * 16)
+    cfg = IResNetConfig(
+        layers=tuple(layers), widths=tuple(widths), embedding_size=int(w.shape[0]), input_size=side * 16
+    )
     model = IResNet(cfg)
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in b.state.items()}
     load_arcface_state_dict(model, tensors, str(path))
     model.eval()
-    if normalization and not (abs(normalization["mean"] - 127.5) < 1e-3 and abs(normalization["scale"] * 127.5 - 1) < 1e-3):
-        log.warning("%s: the graph normalises its input as (x - %.4g) * %.4g, not (x - 127.5) / 127.5; the torch "
-                    "model expects what that normalisation produces", path, normalization["mean"], normalization["scale"])
-    report = {"arch": {"layers": list(layers), "widths": list(widths), "embedding_size": cfg.embedding_size,
-                       "input_size": cfg.input_size},
-              "input_normalized_in_graph": normalization is not None, "input_normalization": normalization,
-              "features_bn_in_graph": features is not None, "bn_eps": sorted(b.eps), "source": str(path)}
+    if normalization and not (
+        abs(normalization["mean"] - 127.5) < 1e-3 and abs(normalization["scale"] * 127.5 - 1) < 1e-3
+    ):
+        log.warning(
+            "%s: the graph normalises its input as (x - %.4g) * %.4g, not (x - 127.5) / 127.5; the torch "
+            "model expects what that normalisation produces",
+            path,
+            normalization["mean"],
+            normalization["scale"],
+        )
+    report = {
+        "arch": {
+            "layers": list(layers),
+            "widths": list(widths),
+            "embedding_size": cfg.embedding_size,
+            "input_size": cfg.input_size,
+        },
+        "input_normalized_in_graph": normalization is not None,
+        "input_normalization": normalization,
+        "features_bn_in_graph": features is not None,
+        "bn_eps": sorted(b.eps),
+        "source": str(path),
+    }
     log.info("converted %s: %s", path, report["arch"])
     return model, report
 
@@ -275,7 +317,9 @@ def convert(onnx_path: str | Path, out_folder: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     """``python -m idforge.models.onnx_convert w600k_r50.onnx out/face_encoder``."""
-    parser = argparse.ArgumentParser(description="Convert an insightface recognition ONNX into a FaceEncoder folder")
+    parser = argparse.ArgumentParser(
+        description="Convert an insightface recognition ONNX into a FaceEncoder folder"
+    )
     parser.add_argument("onnx_path")
     parser.add_argument("out_folder")
     args = parser.parse_args(argv)

@@ -201,8 +201,9 @@ def _write_tokenizer_and_text_encoder(cfg: TinyConfig, folder: Path) -> None:
     tok_dir.mkdir(parents=True, exist_ok=True)
     (tok_dir / "vocab.json").write_text(json.dumps(vocab))
     (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"),
-                              model_max_length=77)
+    tokenizer = CLIPTokenizer(
+        vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=77
+    )
     tokenizer.save_pretrained(tok_dir)
     text_cfg = CLIPTextConfig(
         vocab_size=len(vocab),
@@ -225,18 +226,38 @@ def _write_open_clip(cfg: TinyConfig, folder: Path, image_size: int) -> None:
 
     model_cfg = {
         "embed_dim": cfg.clip_embed_dim,
-        "vision_cfg": {"image_size": image_size, "layers": 2, "width": cfg.clip_width, "patch_size": 8,
-                       "head_width": 16},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": cfg.clip_width, "heads": 2,
-                     "layers": 1},
+        "vision_cfg": {
+            "image_size": image_size,
+            "layers": 2,
+            "width": cfg.clip_width,
+            "patch_size": 8,
+            "head_width": 16,
+        },
+        "text_cfg": {
+            "context_length": 77,
+            "vocab_size": 49408,
+            "width": cfg.clip_width,
+            "heads": 2,
+            "layers": 1,
+        },
     }
     model = open_clip.CLIP(**model_cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg,
-        "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD)},
-    }, indent=2))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": model_cfg,
+                "preprocess_cfg": {
+                    "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                    "std": list(open_clip.OPENAI_DATASET_STD),
+                },
+            },
+            indent=2,
+        )
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors"
+    )
 
 
 def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
@@ -257,27 +278,38 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     if not pixel:
         _tiny_vae().save_pretrained(folder / "vae")
     _write_tokenizer_and_text_encoder(cfg, folder)
-    DDPMScheduler(num_train_timesteps=1000, beta_schedule=cfg.beta_schedule, beta_start=0.00085,
-                  beta_end=0.012, prediction_type=cfg.prediction_type, clip_sample=False).save_pretrained(folder / "scheduler")
+    DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=cfg.beta_schedule,
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    ).save_pretrained(folder / "scheduler")
     _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
     face = IResNet(IResNetConfig(layers=tuple(cfg.face_layers), widths=tuple(cfg.face_widths)))
     FaceEncoder(face).save_pretrained(folder / "face_encoder")
     if not pixel:
         import diffusers
 
-        (folder / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "safety_checker": [None, None],
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-        }, indent=2))
+        (folder / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "StableDiffusionPipeline",
+                    "_diffusers_version": diffusers.__version__,
+                    "unet": ["diffusers", "UNet2DConditionModel"],
+                    "vae": ["diffusers", "AutoencoderKL"],
+                    "text_encoder": ["transformers", "CLIPTextModel"],
+                    "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "scheduler": ["diffusers", "DDPMScheduler"],
+                    "safety_checker": [None, None],
+                    "feature_extractor": [None, None],
+                    "image_encoder": [None, None],
+                    "requires_safety_checker": False,
+                },
+                indent=2,
+            )
+        )
     spec = ZooSpec(
         base=str(folder),
         vae=PIXEL if pixel else None,
@@ -308,7 +340,11 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     codec = PIXEL if name == f"{TINY_PREFIX}-{PIXEL}" else "vae"
     if name not in (TINY_PREFIX, f"{TINY_PREFIX}-{PIXEL}"):
         raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny', 'tiny-pixel' or 'tiny:/folder'")
-    root = Path(folder) if folder else Path(os.environ.get("IDFORGE_CACHE", "~/.cache/idforge")).expanduser() / name
+    root = (
+        Path(folder)
+        if folder
+        else Path(os.environ.get("IDFORGE_CACHE", "~/.cache/idforge")).expanduser() / name
+    )
     marker = root / "zoo_spec.json"
     if marker.is_file():
         built = ZooSpec(**json.loads(marker.read_text()))

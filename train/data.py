@@ -73,11 +73,21 @@ class ShardDataModule(L.LightningDataModule):
     def _loader(self, urls, shuffle: bool) -> DataLoader:
         from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
 
-        ds = make_identity_dataset(expand_urls(urls), mode=self.mode, resolution=self.resolution,
-                                   shuffle_buffer=self.shuffle_buffer if shuffle else 0,
-                                   reference=self.reference, seed=self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_identity_samples, persistent_workers=self.num_workers > 0)
+        ds = make_identity_dataset(
+            expand_urls(urls),
+            mode=self.mode,
+            resolution=self.resolution,
+            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
+            reference=self.reference,
+            seed=self.seed,
+        )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_identity_samples,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_shards, shuffle=True)

@@ -33,7 +33,9 @@ def _to_tensor(images: np.ndarray, size: int = 112) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float in [-1, 1]."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[1:] != (size, size, 3) or images.dtype != np.uint8:
-        raise ValueError(f"expected (N, {size}, {size}, 3) uint8 aligned crops, got {images.dtype} {images.shape}")
+        raise ValueError(
+            f"expected (N, {size}, {size}, 3) uint8 aligned crops, got {images.dtype} {images.shape}"
+        )
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -41,7 +43,9 @@ def _item_tensor(image, size: int) -> torch.Tensor:
     """One dataset image: (S, S, 3) uint8 array/tensor, or (3, S, S) float tensor in [-1, 1]."""
     if isinstance(image, torch.Tensor) and image.is_floating_point():
         if image.shape != (3, size, size):
-            raise ValueError(f"dataset float images must be (3, {size}, {size}) in [-1, 1], got {tuple(image.shape)}")
+            raise ValueError(
+                f"dataset float images must be (3, {size}, {size}) in [-1, 1], got {tuple(image.shape)}"
+            )
         return image.float()
     arr = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     return _to_tensor(arr[None], size)[0]
@@ -51,6 +55,7 @@ def _collate(size: int):
     def collate(items):
         xs, ys = zip(*[(it[0], it[1]) for it in items])
         return torch.stack([_item_tensor(x, size) for x in xs]), torch.as_tensor([int(y) for y in ys])
+
     return collate
 
 
@@ -68,10 +73,20 @@ def _augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return (xb * gain).clamp(-1, 1)
 
 
-def fit_face_encoder(images: np.ndarray | Dataset, labels=None, config: IResNetConfig | None = None, epochs: int = 10,
-                     batch_size: int = 64, lr: float = 2e-3, seed: int = 0, s: float = 32.0, m: float = 0.3,
-                     augment: bool = True, progress: Callable[[int, float], None] | None = None,
-                     device: str | torch.device = "cpu") -> tuple[FaceEncoder, dict]:
+def fit_face_encoder(
+    images: np.ndarray | Dataset,
+    labels=None,
+    config: IResNetConfig | None = None,
+    epochs: int = 10,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    s: float = 32.0,
+    m: float = 0.3,
+    augment: bool = True,
+    progress: Callable[[int, float], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[FaceEncoder, dict]:
     """Fit on labelled aligned crops; returns (frozen encoder, history with per-epoch loss/accuracy).
 
     ``images`` is (N, 112, 112, 3) uint8 with ``labels`` (N,), or a torch ``Dataset`` of
@@ -81,7 +96,9 @@ def fit_face_encoder(images: np.ndarray | Dataset, labels=None, config: IResNetC
     thousands of identities, not a handful). ``progress(epoch, loss)`` is called after each epoch.
     """
     if epochs < 1 or batch_size < 2:
-        raise ValueError(f"fit_face_encoder: need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}")
+        raise ValueError(
+            f"fit_face_encoder: need epochs >= 1 and batch_size >= 2, got {epochs}, {batch_size}"
+        )
     cfg = config or DEFAULT_CONFIG
     is_dataset = isinstance(images, Dataset)
     if labels is None:
@@ -106,8 +123,14 @@ def fit_face_encoder(images: np.ndarray | Dataset, labels=None, config: IResNetC
 
     if is_dataset:
         class_of = {c: i for i, c in enumerate(classes.tolist())}
-        loader = DataLoader(images, batch_size=batch_size, shuffle=True, generator=g, num_workers=0,
-                            collate_fn=_collate(cfg.input_size))
+        loader = DataLoader(
+            images,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=g,
+            num_workers=0,
+            collate_fn=_collate(cfg.input_size),
+        )
 
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for xb, lb in loader:
@@ -118,7 +141,7 @@ def fit_face_encoder(images: np.ndarray | Dataset, labels=None, config: IResNetC
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             perm = torch.randperm(len(x), generator=g)
             for i in range(0, len(x), batch_size):
-                idx = perm[i:i + batch_size]
+                idx = perm[i : i + batch_size]
                 yield x[idx], y[idx]
 
     history: dict[str, list[float]] = {"loss": [], "accuracy": []}
@@ -142,8 +165,12 @@ def fit_face_encoder(images: np.ndarray | Dataset, labels=None, config: IResNetC
             count += len(yb)
         history["loss"].append(total / max(count, 1))
         history["accuracy"].append(correct / max(count, 1))
-        log.info("face encoder epoch %d: loss %.3f, margin accuracy %.3f", epoch, history["loss"][-1],
-                 history["accuracy"][-1])
+        log.info(
+            "face encoder epoch %d: loss %.3f, margin accuracy %.3f",
+            epoch,
+            history["loss"][-1],
+            history["accuracy"][-1],
+        )
         if progress:
             progress(epoch, history["loss"][-1])
     return FaceEncoder(model.cpu()).freeze(), history
@@ -167,4 +194,8 @@ def verification_scores(encoder: FaceEncoder, images: np.ndarray, labels) -> dic
         raise ValueError("verification_scores needs at least two identities, one of them with two images")
     scores = np.concatenate([pos, neg])
     truth = np.concatenate([np.ones_like(pos), np.zeros_like(neg)])
-    return {"same_mean": float(pos.mean()), "diff_mean": float(neg.mean()), "auc": float(roc_auc_score(truth, scores))}
+    return {
+        "same_mean": float(pos.mean()),
+        "diff_mean": float(neg.mean()),
+        "auc": float(roc_auc_score(truth, scores)),
+    }

@@ -56,9 +56,14 @@ class IdentityDiffusionModule(L.LightningModule):
         for name, p in (("id_drop_prob", id_drop_prob), ("text_drop_prob", text_drop_prob)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
-        self.save_hyperparameters({"generator": asdict(generator) if not isinstance(generator, dict) else generator,
-                                   "identity_loss": asdict(identity_loss) if identity_loss else None,
-                                   "id_drop_prob": id_drop_prob, "text_drop_prob": text_drop_prob})
+        self.save_hyperparameters(
+            {
+                "generator": asdict(generator) if not isinstance(generator, dict) else generator,
+                "identity_loss": asdict(identity_loss) if identity_loss else None,
+                "id_drop_prob": id_drop_prob,
+                "text_drop_prob": text_drop_prob,
+            }
+        )
         self.generator_config = generator
         self.model = IdentityGenerator.from_config(generator)
         if identity_loss is not None:  # pixels per latent come from the codec actually loaded
@@ -85,7 +90,9 @@ class IdentityDiffusionModule(L.LightningModule):
         if drop and self.text_drop_prob > 0:
             keep = torch.rand(len(captions)) >= self.text_drop_prob
             captions = [c if k else "" for c, k in zip(captions, keep.tolist())]
-        if "text_states" in batch:  # cached by `idforge cache`; dropped captions get the empty prompt's states
+        if (
+            "text_states" in batch
+        ):  # cached by `idforge cache`; dropped captions get the empty prompt's states
             text = batch["text_states"].to(self.device)
             dropped = [i for i, c in enumerate(captions) if c == "" and batch["caption"][i] != ""]
             if dropped:
@@ -126,9 +133,16 @@ class IdentityDiffusionModule(L.LightningModule):
             ref = batch.get("embedding")
             if ref is None:
                 ref = model.face_embeds(images, batch["landmarks"])
-            idl = self.identity_loss(x0_hat=x0_hat, decode=model.codec.decode, timesteps=t,
-                                     landmarks=batch["landmarks"].float(), reference_embeds=ref.float(),
-                                     boxes=batch.get("box"), generator=generator, active=id_kept)
+            idl = self.identity_loss(
+                x0_hat=x0_hat,
+                decode=model.codec.decode,
+                timesteps=t,
+                landmarks=batch["landmarks"].float(),
+                reference_embeds=ref.float(),
+                boxes=batch.get("box"),
+                generator=generator,
+                active=id_kept,
+            )
             out["loss"] = denoise + idl.loss
             if idl.num_used > 0:  # the threshold / fraction knobs can leave a batch without identity terms
                 out.update(identity=idl.id_loss, w_t=idl.weight_mean, id_cos=idl.id_cosine)

@@ -39,12 +39,16 @@ def celeba_hq(tmp_path):
         rows.append((f"{n}.jpg", v))
     _attr_file(root / "CelebAMask-HQ-attribute-anno.txt", rows)
     (root / "CelebA-HQ-to-CelebA-mapping.txt").write_text(
-        "idx orig_idx orig_file\n" + "".join(f"{n} {100 + n} {100 + n:06d}.jpg\n" for n in range(4)))
-    (root / "identity_CelebA.txt").write_text("".join(f"{100 + n:06d}.jpg {7 if n < 2 else 9}\n" for n in range(4)))
+        "idx orig_idx orig_file\n" + "".join(f"{n} {100 + n} {100 + n:06d}.jpg\n" for n in range(4))
+    )
+    (root / "identity_CelebA.txt").write_text(
+        "".join(f"{100 + n:06d}.jpg {7 if n < 2 else 9}\n" for n in range(4))
+    )
     # landmarks in CelebA's list_landmarks format (here: of these very images, so the landmarks detector works)
     (root / "list_landmarks_celeba.txt").write_text(
         "4\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y\n"
-        + "".join(f"{name} " + " ".join(f"{v:.2f}" for v in pts) + "\n" for name, pts in landmarks))
+        + "".join(f"{name} " + " ".join(f"{v:.2f}" for v in pts) + "\n" for name, pts in landmarks)
+    )
     return root, landmarks
 
 
@@ -61,12 +65,21 @@ def test_celeba_hq_files_give_attributes_identities_and_landmarks(celeba_hq):
 def test_celeba_hq_curation_captions_from_attributes(celeba_hq, tmp_path):
     root, _ = celeba_hq
     out = tmp_path / "shards"
-    manifest = run_curation(CurateConfig(input=str(root), output=str(out), resolution=32, captioner="celeba",
-                                         filters=FilterConfig(min_resolution=32, min_face_px=8)))
+    manifest = run_curation(
+        CurateConfig(
+            input=str(root),
+            output=str(out),
+            resolution=32,
+            captioner="celeba",
+            filters=FilterConfig(min_resolution=32, min_face_px=8),
+        )
+    )
     assert manifest["images_accepted"] == 4 and manifest["identities"] == {"train": 2}
     import webdataset as wds
 
-    metas = [json.loads(s["meta.json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)]
+    metas = [
+        json.loads(s["meta.json"]) for s in wds.WebDataset(str(out / "train-000000.tar"), shardshuffle=False)
+    ]
     by_id = {m["identity"]: m for m in metas}
     assert set(by_id) == {"celeba-7", "celeba-9"}
     assert all(" man" in im["caption"] for im in by_id["celeba-7"]["images"])
@@ -81,11 +94,20 @@ def test_bad_celeba_attribute_file_names_the_file(tmp_path):
 
 def test_ffhq_json_landmarks(tmp_path):
     pts = np.stack([np.linspace(10, 50, 68), np.linspace(20, 60, 68)], 1)
-    rec = {"0": {"image": {"file_path": "images1024x1024/00000/00000.png", "pixel_size": [1024, 1024],
-                           "face_landmarks": pts.tolist()},
-                 "thumbnail": {"file_path": "thumbnails128x128/00000/00000.png", "pixel_size": [128, 128]},
-                 "in_the_wild": {"file_path": "in-the-wild-images/00000/00000.png",
-                                 "face_landmarks": (pts * 2).tolist()}}}
+    rec = {
+        "0": {
+            "image": {
+                "file_path": "images1024x1024/00000/00000.png",
+                "pixel_size": [1024, 1024],
+                "face_landmarks": pts.tolist(),
+            },
+            "thumbnail": {"file_path": "thumbnails128x128/00000/00000.png", "pixel_size": [128, 128]},
+            "in_the_wild": {
+                "file_path": "in-the-wild-images/00000/00000.png",
+                "face_landmarks": (pts * 2).tolist(),
+            },
+        }
+    }
     (tmp_path / "ffhq-dataset-v2.json").write_text(json.dumps(rec))
     ann = load_annotations(tmp_path)
     np.testing.assert_allclose(ann.lookup("images1024x1024/00000/00000.png")["landmarks"], pts)

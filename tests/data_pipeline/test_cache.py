@@ -15,10 +15,17 @@ from idforge.data_pipeline.reader import collate_identity_samples, make_identity
 @pytest.fixture(scope="module")
 def cached(synthid_folder, tmp_path_factory, tiny_zoo):
     root = tmp_path_factory.mktemp("cache")
-    run_curation(CurateConfig(input=str(synthid_folder), output=str(root / "shards"), resolution=32,
-                              filters=FilterConfig(min_resolution=32, min_face_px=8, duplicate_threshold=None)))
-    summary = cache_shards(root / "shards", root / "cached", {"base": f"tiny:{tiny_zoo}"}, resolution=32,
-                           dtype="float32")
+    run_curation(
+        CurateConfig(
+            input=str(synthid_folder),
+            output=str(root / "shards"),
+            resolution=32,
+            filters=FilterConfig(min_resolution=32, min_face_px=8, duplicate_threshold=None),
+        )
+    )
+    summary = cache_shards(
+        root / "shards", root / "cached", {"base": f"tiny:{tiny_zoo}"}, resolution=32, dtype="float32"
+    )
     return root, summary
 
 
@@ -40,8 +47,13 @@ def test_cached_latents_match_the_codec_and_text_encoder(cached, tiny_zoo):
     text_encoder, tok = zoo_lib.load_text_encoder(spec), zoo_lib.load_tokenizer(spec)
     with torch.no_grad():
         z = codec.encode(torch.stack([it["image"] for it in items[:4]]))
-        ids = tok([it["caption"] for it in items[:4]], padding="max_length", max_length=tok.model_max_length,
-                  truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            [it["caption"] for it in items[:4]],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         t = text_encoder(ids)[0]
     torch.testing.assert_close(torch.stack([it["latent"] for it in items[:4]]), z, atol=2e-3, rtol=1e-2)
     torch.testing.assert_close(torch.stack([it["text_states"] for it in items[:4]]), t, atol=2e-3, rtol=1e-2)
@@ -65,15 +77,18 @@ def test_trainer_uses_cached_encodings(cached, tiny_zoo, monkeypatch):
 
     root, _ = cached
     batch = collate_identity_samples(_items(root / "cached", 32)[:4])
-    module = IdentityDiffusionModule(GeneratorConfig(zoo=ZooSpec(base=f"tiny:{tiny_zoo}")), text_drop_prob=0.5)
+    module = IdentityDiffusionModule(
+        GeneratorConfig(zoo=ZooSpec(base=f"tiny:{tiny_zoo}")), text_drop_prob=0.5
+    )
 
     def refuse(*a, **k):
         raise AssertionError("encoder called although the batch carries cached encodings")
 
     monkeypatch.setattr(module.model.codec, "encode", refuse)
     real_encode_text = module.model.encode_text
-    monkeypatch.setattr(module.model, "encode_text",
-                        lambda caps: real_encode_text(caps) if list(caps) == [""] else refuse())
+    monkeypatch.setattr(
+        module.model, "encode_text", lambda caps: real_encode_text(caps) if list(caps) == [""] else refuse()
+    )
     torch.manual_seed(0)
     loss = module._losses(batch)["loss"].detach()
     assert torch.isfinite(loss) and loss > 0

@@ -27,7 +27,9 @@ def _identities(n_id=12, per=9, dim=64, noise=0.5, seed=0):
     rng = np.random.default_rng(seed)
     centres = _unit(rng.normal(size=(n_id, dim)))
     labels = np.repeat(np.arange(n_id), per)
-    emb = _unit(centres[labels] + noise * rng.normal(size=(len(labels), dim)) / np.sqrt(dim))  # same-identity cos ~0.8
+    emb = _unit(
+        centres[labels] + noise * rng.normal(size=(len(labels), dim)) / np.sqrt(dim)
+    )  # same-identity cos ~0.8
     perm = rng.permutation(len(labels))
     return emb[perm], labels[perm]
 
@@ -120,8 +122,11 @@ def synthid_embeddings():
 
     torch.manual_seed(0)
     n_id, per = 8, 10
-    sid = SynthID(SynthIDConfig(num_identities=n_id, images_per_identity=per, resolution=112, heldout_identities=0,
-                                seed=3))
+    sid = SynthID(
+        SynthIDConfig(
+            num_identities=n_id, images_per_identity=per, resolution=112, heldout_identities=0, seed=3
+        )
+    )
     crops, labels, index = [], [], []
     for i in range(n_id):
         for j in range(per):
@@ -131,8 +136,14 @@ def synthid_embeddings():
             index.append(j)
     crops, labels, index = np.stack(crops), np.array(labels), np.array(index)
     seen = index < 6
-    enc, _ = fit_face_encoder(crops[seen], labels[seen], IResNetConfig(layers=(1, 1, 1, 1), widths=(8, 16, 32, 32)),
-                              epochs=12, batch_size=16, seed=0)
+    enc, _ = fit_face_encoder(
+        crops[seen],
+        labels[seen],
+        IResNetConfig(layers=(1, 1, 1, 1), widths=(8, 16, 32, 32)),
+        epochs=12,
+        batch_size=16,
+        seed=0,
+    )
     emb = enc.embed_uint8(crops)
     return emb, labels, seen
 
@@ -155,7 +166,9 @@ def test_synthid_identities_are_recovered_in_both_modes(synthid_embeddings):
     fixed_k = cluster_labelled(emb, noisy, k=3, min_similarity=0.6)  # FlashFace's k drops genuine images too
     assert not fixed_k.keep[intruders].any()
     ari_labelled = adjusted_rand_score(labels[lab.keep], lab.identity[lab.keep])
-    print(f"SynthID ARI unlabelled {ari_unlabelled:.3f} (threshold {threshold:.2f}), labelled {ari_labelled:.3f}, "
-          f"labelled kept {lab.keep.sum()}/{len(labels)} (k=3: {fixed_k.keep.sum()}), intruders kept {lab.keep[intruders].sum()}/16")
+    print(
+        f"SynthID ARI unlabelled {ari_unlabelled:.3f} (threshold {threshold:.2f}), labelled {ari_labelled:.3f}, "
+        f"labelled kept {lab.keep.sum()}/{len(labels)} (k=3: {fixed_k.keep.sum()}), intruders kept {lab.keep[intruders].sum()}/16"
+    )
     assert ari_unlabelled >= 0.9
     assert ari_labelled >= 0.95 and lab.keep[intruders].sum() <= 1 and lab.keep.sum() >= 0.7 * len(labels)

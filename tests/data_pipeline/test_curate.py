@@ -32,12 +32,20 @@ def hostile_folder(tmp_path, synthid_folder):
     odd.mkdir()
     s0, s1 = good.render(0, 0), good.render(0, 1)
     # good but unusual encodings, with provided landmarks
-    arr16 = (np.asarray(s0.image.convert("L")).astype(np.uint16) * 257)
+    arr16 = np.asarray(s0.image.convert("L")).astype(np.uint16) * 257
     (odd / "sixteen.png").write_bytes(_png(Image.fromarray(arr16)))
     s1.image.convert("CMYK").save(odd / "cmyk.jpg", quality=95)
     for name, smp in (("odd/sixteen.png", s0), ("odd/cmyk.jpg", s1)):
-        records.append({"file": name, "landmarks": smp.landmarks.tolist(), "box": list(smp.box),
-                        "caption": smp.caption, "identity": "odd0", "split": "train"})
+        records.append(
+            {
+                "file": name,
+                "landmarks": smp.landmarks.tolist(),
+                "box": list(smp.box),
+                "caption": smp.caption,
+                "identity": "odd0",
+                "split": "train",
+            }
+        )
     # broken inputs
     (odd / "zero.jpg").write_bytes(b"")
     jpg = io.BytesIO()
@@ -57,14 +65,27 @@ def hostile_folder(tmp_path, synthid_folder):
 
 def test_hostile_folder_counts_every_file_once(hostile_folder, tmp_path, tiny_face_encoder):
     root, n_good = hostile_folder
-    cfg = CurateConfig(input=str(root), output=str(tmp_path / "out"), embedder=tiny_face_encoder, resolution=32,
-                       unit_size=7, filters=FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None))
+    cfg = CurateConfig(
+        input=str(root),
+        output=str(tmp_path / "out"),
+        embedder=tiny_face_encoder,
+        resolution=32,
+        unit_size=7,
+        filters=FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None),
+    )
     m = run_curation(cfg)
     assert m["files_seen"] == n_good + 7  # 5 broken files + 2 tar members
     assert m["files_seen"] == m["images_accepted"] + sum(m["rejected"].values())
     assert m["images_accepted"] == n_good
-    assert m["rejected"] == {"decode": 1, "decompression_bomb": 1, "empty": 1, "no_face": 1, "not_image": 1,
-                             "resolution": 1, "unsafe_path": 1}
+    assert m["rejected"] == {
+        "decode": 1,
+        "decompression_bomb": 1,
+        "empty": 1,
+        "no_face": 1,
+        "not_image": 1,
+        "resolution": 1,
+        "unsafe_path": 1,
+    }
     assert not (tmp_path / "evil.png").exists() and not (tmp_path / "out" / "evil.png").exists()
     # every good image is in the shards: read back with plain webdataset
     import webdataset as wds
@@ -86,8 +107,12 @@ def test_hostile_folder_counts_every_file_once(hostile_folder, tmp_path, tiny_fa
 
 
 def test_shards_are_plain_tar_files(synthid_folder, tmp_path):
-    cfg = CurateConfig(input=str(synthid_folder), output=str(tmp_path / "o"), resolution=32,
-                       filters=FilterConfig(min_resolution=16, min_face_px=4))
+    cfg = CurateConfig(
+        input=str(synthid_folder),
+        output=str(tmp_path / "o"),
+        resolution=32,
+        filters=FilterConfig(min_resolution=16, min_face_px=4),
+    )
     m = run_curation(cfg)
     assert set(m["shards"]) == {"train-000000.tar", "heldout-000000.tar"}
     assert m["identities"] == {"train": 4, "heldout": 2}
@@ -98,19 +123,31 @@ def test_shards_are_plain_tar_files(synthid_folder, tmp_path):
 
 
 def test_groups_are_split_at_max_group_size(synthid_folder, tmp_path):
-    cfg = CurateConfig(input=str(synthid_folder), output=str(tmp_path / "o"), resolution=32, max_group_size=3,
-                       filters=FilterConfig(min_resolution=16, min_face_px=4))
+    cfg = CurateConfig(
+        input=str(synthid_folder),
+        output=str(tmp_path / "o"),
+        resolution=32,
+        max_group_size=3,
+        filters=FilterConfig(min_resolution=16, min_face_px=4),
+    )
     m = run_curation(cfg)
     assert m["groups"]["train"] == 8  # 4 identities x (3 + 1)
     import webdataset as wds
 
-    keys = [s["__key__"] for s in wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False)]
+    keys = [
+        s["__key__"] for s in wds.WebDataset(str(tmp_path / "o" / "train-000000.tar"), shardshuffle=False)
+    ]
     assert "id00000-p000" in keys and "id00000-p001" in keys
 
 
 def test_workers_split_units_and_the_last_one_finalizes(synthid_folder, tmp_path):
-    kw = {"input": str(synthid_folder), "output": str(tmp_path / "o"), "resolution": 32, "unit_size": 5,
-              "filters": FilterConfig(min_resolution=16, min_face_px=4)}
+    kw = {
+        "input": str(synthid_folder),
+        "output": str(tmp_path / "o"),
+        "resolution": 32,
+        "unit_size": 5,
+        "filters": FilterConfig(min_resolution=16, min_face_px=4),
+    }
     assert run_curation(CurateConfig(rank=0, world_size=2, **kw)) is None
     m = run_curation(CurateConfig(rank=1, world_size=2, **kw))
     assert m["images_accepted"] == 24

@@ -19,10 +19,16 @@ def _bytes(img: Image.Image, fmt: str, **kw) -> bytes:
 RGB = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize("img,fmt", [
-    (RGB.convert("CMYK"), "JPEG"), (RGB.convert("L"), "PNG"), (RGB.convert("RGBA"), "PNG"),
-    (RGB.convert("P"), "PNG"), (Image.fromarray(np.full((20, 30), 40000, np.uint16)), "PNG"),
-])
+@pytest.mark.parametrize(
+    "img,fmt",
+    [
+        (RGB.convert("CMYK"), "JPEG"),
+        (RGB.convert("L"), "PNG"),
+        (RGB.convert("RGBA"), "PNG"),
+        (RGB.convert("P"), "PNG"),
+        (Image.fromarray(np.full((20, 30), 40000, np.uint16)), "PNG"),
+    ],
+)
 def test_formats_decode_to_rgb_uint8(img, fmt):
     arr = decode_image(_bytes(img, fmt), "x")
     assert arr.dtype == np.uint8 and arr.shape == (20, 30, 3)
@@ -45,10 +51,14 @@ def test_alpha_is_composited_on_white():
     assert (decode_image(_bytes(transparent, "PNG")) == 255).all()
 
 
-@pytest.mark.parametrize("data,reason", [
-    (b"", "empty"), (b"this is a text file, not a jpeg", "not_image"),
-    (_bytes(RGB, "JPEG")[:200], "decode"),
-])
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a jpeg", "not_image"),
+        (_bytes(RGB, "JPEG")[:200], "decode"),
+    ],
+)
 def test_broken_inputs_are_refused_with_a_reason(data, reason):
     with pytest.raises(DecodeError) as err:
         decode_image(data, "f.jpg")

@@ -25,7 +25,9 @@ def test_landmarks_backend_uses_provided_points_and_box():
     det = make_detector("landmarks")
     assert det.detect(np.zeros((64, 64, 3), np.uint8), None) == []
     assert det.detect(np.zeros((64, 64, 3), np.uint8), {"caption": "x"}) == []
-    (face,) = det.detect(np.zeros((64, 64, 3), np.uint8), {"landmarks": TEMPLATE.tolist(), "box": [1, 2, 100, 110]})
+    (face,) = det.detect(
+        np.zeros((64, 64, 3), np.uint8), {"landmarks": TEMPLATE.tolist(), "box": [1, 2, 100, 110]}
+    )
     np.testing.assert_allclose(face.landmarks, TEMPLATE)
     np.testing.assert_allclose(face.box, [1, 2, 100, 110])
     assert face.score == 1.0 and face.size == 99
@@ -45,8 +47,9 @@ def test_landmarks_backend_converts_68_points_and_several_faces():
     np.testing.assert_allclose(five_from_68(pts), [[10, 20], [30, 20], [20, 30], [12, 40], [28, 40]])
     (face,) = make_detector("landmarks").detect(np.zeros((8, 8, 3), np.uint8), {"landmarks": pts})
     np.testing.assert_allclose(face.landmarks[0], (10, 20))
-    faces = make_detector("landmarks").detect(np.zeros((8, 8, 3), np.uint8),
-                                              {"landmarks": np.stack([TEMPLATE, TEMPLATE + 50]), "score": [0.9, 0.4]})
+    faces = make_detector("landmarks").detect(
+        np.zeros((8, 8, 3), np.uint8), {"landmarks": np.stack([TEMPLATE, TEMPLATE + 50]), "score": [0.9, 0.4]}
+    )
     assert len(faces) == 2 and faces[1].score == pytest.approx(0.4)
     with pytest.raises(ValueError, match="landmarks"):
         make_detector("landmarks").detect(np.zeros((8, 8, 3), np.uint8), {"landmarks": np.zeros((3, 2))})
@@ -91,7 +94,9 @@ def test_decode_scrfd_places_boxes_and_keypoints_at_anchor_distances():
     boxes, kps, scores = decode_scrfd(raw, (h, w), strides, na, threshold=0.5)
     assert len(boxes) == 1 and scores[0] == pytest.approx(0.9)
     np.testing.assert_allclose(boxes[0], [32 - 16, 16 - 8, 32 + 32, 16 + 48])
-    np.testing.assert_allclose(kps[0], np.array([32, 16]) + (np.arange(10) / 10 * 16).reshape(5, 2), atol=1e-5)
+    np.testing.assert_allclose(
+        kps[0], np.array([32, 16]) + (np.arange(10) / 10 * 16).reshape(5, 2), atol=1e-5
+    )
     with pytest.raises(ValueError, match="outputs"):
         decode_scrfd(raw[:-1], (h, w), strides, na, 0.5)
 
@@ -138,15 +143,21 @@ def tiny_scrfd(tmp_path_factory):
     folder = tmp_path_factory.mktemp("insightface") / "tinypack"
     folder.mkdir()
     names = [f"{k}_{s}" for k in ("score", "bbox", "kps") for s in (8, 16, 32)]
-    torch.onnx.export(_TinySCRFD(), torch.zeros(1, 3, 64, 64), str(folder / "scrfd_tiny_kps.onnx"), dynamo=False,
-                      input_names=["input.1"], output_names=names,
-                      dynamic_axes={"input.1": {0: "b", 2: "h", 3: "w"}, **{n: {0: "b", 1: "n"} for n in names}})
+    torch.onnx.export(
+        _TinySCRFD(),
+        torch.zeros(1, 3, 64, 64),
+        str(folder / "scrfd_tiny_kps.onnx"),
+        dynamo=False,
+        input_names=["input.1"],
+        output_names=names,
+        dynamic_axes={"input.1": {0: "b", 2: "h", 3: "w"}, **{n: {0: "b", 1: "n"} for n in names}},
+    )
     return folder
 
 
 def _square_image(h, w, x0, y0, side):
     img = np.zeros((h, w, 3), np.uint8)
-    img[y0:y0 + side, x0:x0 + side] = 255
+    img[y0 : y0 + side, x0 : x0 + side] = 255
     return img
 
 
@@ -161,8 +172,9 @@ def test_insightface_backend_runs_a_real_onnx_detector_batched(tiny_scrfd):
         assert len(faces) == 1, faces
         np.testing.assert_allclose(faces[0].box, box, atol=1.0)
         side = box[2] - box[0]
-        np.testing.assert_allclose(faces[0].landmarks, np.array(box[:2]) + _TinySCRFD.KPS.numpy().reshape(5, 2) * side,
-                                   atol=1.0)
+        np.testing.assert_allclose(
+            faces[0].landmarks, np.array(box[:2]) + _TinySCRFD.KPS.numpy().reshape(5, 2) * side, atol=1.0
+        )
         assert faces[0].score > 0.9
     single = det.detect(c)
     np.testing.assert_allclose(single[0].box, batched[2][0].box, atol=1e-4)
@@ -182,8 +194,11 @@ def _real_photos():
     from PIL import Image
 
     tom = np.asarray(Image.open(os.path.join(images, "Tom_Hanks_54745.png")).convert("RGB"))
-    return {"astronaut": data.astronaut(), "tom": tom,
-            "t1": np.asarray(Image.open(os.path.join(images, "t1.jpg")).convert("RGB"))}
+    return {
+        "astronaut": data.astronaut(),
+        "tom": tom,
+        "t1": np.asarray(Image.open(os.path.join(images, "t1.jpg")).convert("RGB")),
+    }
 
 
 @pytest.mark.dlib

@@ -26,9 +26,16 @@ def onnx_recognizer(tmp_path_factory):
     FaceEncoder(net).save_pretrained(folder / "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(net, torch.randn(1, 3, 112, 112), str(folder / "w600k_tiny.onnx"), dynamo=False,
-                          input_names=["input"], output_names=["embedding"], opset_version=13,
-                          dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}})
+        torch.onnx.export(
+            net,
+            torch.randn(1, 3, 112, 112),
+            str(folder / "w600k_tiny.onnx"),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["embedding"],
+            opset_version=13,
+            dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
+        )
     return folder
 
 

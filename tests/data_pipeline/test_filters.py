@@ -28,15 +28,25 @@ def _textured(h=128, w=128):
     return RNG.integers(0, 255, (h, w, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ({"image": _textured(48, 200), "faces": [_face(0, 0, 40)]}, "resolution"),
-    ({"faces": []}, "no_face"),
-    ({"faces": [_face(0, 0, 50), _face(60, 60, 50)]}, "multiple_faces"),
-    ({"faces": [_face(0, 0, 50, score=0.2)]}, "det_score"),
-    ({"faces": [_face(0, 0, 20)]}, "face_size"),
-    ({"faces": [_face(0, 0, 50)], "cfg": {"min_face_fraction": 0.5}}, "face_size"),
-    ({"image": np.full((128, 128, 3), 90, np.uint8), "faces": [_face(10, 10, 80)], "cfg": {"min_sharpness": 10.0}}, "blur"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ({"image": _textured(48, 200), "faces": [_face(0, 0, 40)]}, "resolution"),
+        ({"faces": []}, "no_face"),
+        ({"faces": [_face(0, 0, 50), _face(60, 60, 50)]}, "multiple_faces"),
+        ({"faces": [_face(0, 0, 50, score=0.2)]}, "det_score"),
+        ({"faces": [_face(0, 0, 20)]}, "face_size"),
+        ({"faces": [_face(0, 0, 50)], "cfg": {"min_face_fraction": 0.5}}, "face_size"),
+        (
+            {
+                "image": np.full((128, 128, 3), 90, np.uint8),
+                "faces": [_face(10, 10, 80)],
+                "cfg": {"min_sharpness": 10.0},
+            },
+            "blur",
+        ),
+    ],
+)
 def test_each_reason_fires_on_its_case(case, reason):
     cfg = FilterConfig(**case.get("cfg", {}))
     face, why = check_face(case.get("image", _textured()), case["faces"], cfg)
@@ -45,14 +55,18 @@ def test_each_reason_fires_on_its_case(case, reason):
 
 def test_a_good_face_passes_and_largest_policy_keeps_the_largest():
     small, big = _face(0, 0, 40), _face(40, 40, 80)
-    face, why = check_face(_textured(), [small, big], FilterConfig(multiple_faces="largest", min_sharpness=10.0))
+    face, why = check_face(
+        _textured(), [small, big], FilterConfig(multiple_faces="largest", min_sharpness=10.0)
+    )
     assert why is None and face is big
     assert check_face(_textured(), [big], FilterConfig())[0] is big
 
 
 def test_sharpness_orders_sharp_above_blurred():
     sharp = RNG.integers(0, 255, (64, 64)).astype(np.float32)
-    blurred = np.asarray(Image.fromarray(sharp.astype(np.uint8)).resize((8, 8)).resize((64, 64), Image.BILINEAR))
+    blurred = np.asarray(
+        Image.fromarray(sharp.astype(np.uint8)).resize((8, 8)).resize((64, 64), Image.BILINEAR)
+    )
     assert sharpness(sharp) > 10 * sharpness(blurred) > 0
     assert sharpness(np.full((10, 10), 7.0)) == 0.0
     with pytest.raises(ValueError, match="2-D"):
@@ -101,8 +115,11 @@ def tiny_clip():
     import torch
 
     torch.manual_seed(0)
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
     model = open_clip.CLIP(**cfg)
     preprocess = open_clip.image_transform(32, is_train=False)
     tokenizer = open_clip.SimpleTokenizer(context_length=16)
@@ -112,7 +129,9 @@ def tiny_clip():
 def test_occlusion_filter_scores_every_image_with_its_prompts(tiny_clip):
     model, preprocess, tokenizer = tiny_clip
     images = [Image.fromarray(_textured(40, 50)) for _ in range(5)]
-    filt = OcclusionFilter(model, preprocess, tokenizer, prompts=("sunglasses", "a hat"), threshold=0.5, batch_size=2)
+    filt = OcclusionFilter(
+        model, preprocess, tokenizer, prompts=("sunglasses", "a hat"), threshold=0.5, batch_size=2
+    )
     p = filt.probabilities(images)
     assert p.shape == (5,) and ((p > 0) & (p < 1)).all()
     np.testing.assert_array_equal(filt.flags(images), p >= 0.5)

@@ -13,8 +13,15 @@ from torch.utils.data import DataLoader
 @pytest.fixture(scope="module")
 def shards(synthid_folder, tiny_face_encoder, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    run_curation(CurateConfig(input=str(synthid_folder), output=str(out), resolution=32, embedder=tiny_face_encoder,
-                              filters=FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None)))
+    run_curation(
+        CurateConfig(
+            input=str(synthid_folder),
+            output=str(out),
+            resolution=32,
+            embedder=tiny_face_encoder,
+            filters=FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None),
+        )
+    )
     return sorted(str(p) for p in out.glob("*.tar"))
 
 
@@ -52,8 +59,10 @@ def test_group_mode_gives_one_to_four_references_and_pads_in_batches(shards):
 
 
 def test_shuffling_is_seeded_and_the_stream_repeats(shards):
-    ids = lambda seed: [it["identity"] for _, it in zip(range(30), make_identity_dataset(
-        shards, resolution=32, shuffle_buffer=8, seed=seed))]
+    ids = lambda seed: [
+        it["identity"]
+        for _, it in zip(range(30), make_identity_dataset(shards, resolution=32, shuffle_buffer=8, seed=seed))
+    ]
     assert ids(0) == ids(0) and ids(0) != ids(1)
     assert len(ids(0)) == 30  # more than one pass
 

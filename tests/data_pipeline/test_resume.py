@@ -34,8 +34,12 @@ def _sources(out: Path) -> list[str]:
 
 
 def test_kill_minus_nine_then_rerun_matches_an_uninterrupted_run(synthid_folder, tmp_path):
-    kw = {"input": str(synthid_folder), "resolution": 32, "unit_size": 2, "filters": FilterConfig(min_resolution=16,
-                                                                                            min_face_px=4)}
+    kw = {
+        "input": str(synthid_folder),
+        "resolution": 32,
+        "unit_size": 2,
+        "filters": FilterConfig(min_resolution=16, min_face_px=4),
+    }
     reference = run_curation(CurateConfig(output=str(tmp_path / "ref"), **kw))
 
     out = tmp_path / "killed"

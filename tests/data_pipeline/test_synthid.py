@@ -57,16 +57,18 @@ def test_landmarks_lie_inside_box_and_image():
 def _dark_centroid(img: np.ndarray, around, radius: int) -> np.ndarray:
     """Darkness-weighted centroid near ``around``: the pupil and iris are drawn concentric."""
     x, y = np.round(around).astype(int)
-    win = img[y - radius:y + radius + 1, x - radius:x + radius + 1].astype(np.float32).mean(-1)
+    win = img[y - radius : y + radius + 1, x - radius : x + radius + 1].astype(np.float32).mean(-1)
     w = np.clip(win.max() - win, 0, None) ** 2
     assert w.sum() > 0, "no dark eye found near the landmark"
-    ys, xs = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    ys, xs = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return np.array([(w * xs).sum() / w.sum() + x, (w * ys).sum() / w.sum() + y])
 
 
 @pytest.mark.parametrize("identity", [0, 3, 7, 10])
 def test_aligned_crop_puts_the_eyes_where_the_arcface_template_says(identity):
-    synth = SynthID(SynthIDConfig(num_identities=12, images_per_identity=4, resolution=128, heldout_identities=4))
+    synth = SynthID(
+        SynthIDConfig(num_identities=12, images_per_identity=4, resolution=128, heldout_identities=4)
+    )
     for k in range(4):
         smp = synth.render(identity, k)
         crop, matrix = align_face(np.asarray(smp.image), smp.landmarks, size=112)

@@ -10,8 +10,11 @@ from idforge.models.zoo import ZooSpec
 
 
 def _model(tiny_zoo, variant="final"):
-    spec = ZooSpec(base=str(tiny_zoo), image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-                   face_encoder=str(tiny_zoo / "face_encoder"))
+    spec = ZooSpec(
+        base=str(tiny_zoo),
+        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
+        face_encoder=str(tiny_zoo / "face_encoder"),
+    )
     torch.manual_seed(0)
     model = IdentityGenerator.from_config(GeneratorConfig(zoo=spec, adapter={"variant": variant}))
     with torch.no_grad():  # move every trainable weight away from its initial value
@@ -22,7 +25,9 @@ def _model(tiny_zoo, variant="final"):
 
 
 def _generate(model):
-    e_arc = torch.nn.functional.normalize(torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1)
+    e_arc = torch.nn.functional.normalize(
+        torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
     e_clip = torch.randn(2, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
     return sample(model, ["a photo", "a face"], e_arc, e_clip, 32, SamplingConfig(steps=3, seed=0))
 
@@ -42,7 +47,9 @@ def test_exported_folder_loads_with_plain_diffusers(tiny_zoo, tmp_path):
 
     model = _model(tiny_zoo)
     export_generator(model, tmp_path / "out", resolution=32)
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out", safety_checker=None, feature_extractor=None)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tmp_path / "out", safety_checker=None, feature_extractor=None
+    )
     for (k, v), (k2, v2) in zip(pipe.unet.state_dict().items(), model.unet.state_dict().items()):
         assert k == k2 and torch.equal(v, v2)
 

@@ -37,24 +37,67 @@ def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
 
 
 def test_curate_command_prints_a_summary(demo_out, tmp_path, capsys):
-    assert main(["curate", "--input", str(demo_out / "synthid"), "--output", str(tmp_path / "c"),
-                 "--resolution", "32"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                "--input",
+                str(demo_out / "synthid"),
+                "--output",
+                str(tmp_path / "c"),
+                "--resolution",
+                "32",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "files seen" in out and "images accepted" in out
     assert (tmp_path / "c" / "manifest.json").is_file()
 
 
 def test_curate_command_clusters_with_an_embedder(demo_out, tmp_path, capsys):
-    assert main(["curate", "--input", str(demo_out / "synthid"), "--output", str(tmp_path / "c"),
-                 "--resolution", "32", "--embedder", str(demo_out / "zoo" / "face_encoder"),
-                 "--cluster", "unlabelled", "--captioner", "provided"]) == 0
+    assert (
+        main(
+            [
+                "curate",
+                "--input",
+                str(demo_out / "synthid"),
+                "--output",
+                str(tmp_path / "c"),
+                "--resolution",
+                "32",
+                "--embedder",
+                str(demo_out / "zoo" / "face_encoder"),
+                "--cluster",
+                "unlabelled",
+                "--captioner",
+                "provided",
+            ]
+        )
+        == 0
+    )
     assert "identity clustering report" in capsys.readouterr().out
     assert (tmp_path / "c" / "cluster_report_train.txt").is_file()
 
 
 def test_cache_command_writes_cached_shards(demo_out, tmp_path, capsys):
-    assert main(["cache", "--shards", str(demo_out / "shards"), "--out", str(tmp_path / "cached"),
-                 "--base", f"tiny:{demo_out / 'zoo'}", "--resolution", "16"]) == 0
+    assert (
+        main(
+            [
+                "cache",
+                "--shards",
+                str(demo_out / "shards"),
+                "--out",
+                str(tmp_path / "cached"),
+                "--base",
+                f"tiny:{demo_out / 'zoo'}",
+                "--resolution",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "images encoded" in capsys.readouterr().out
     import json
 
@@ -64,10 +107,19 @@ def test_cache_command_writes_cached_shards(demo_out, tmp_path, capsys):
 def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("IDFORGE_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "run"
-    main(["train", "fit", "--config", str(ROOT / "configs" / "train" / "tiny.yaml"),
-          f"--data.train_shards={demo_out / 'shards'}/train-*.tar", "--trainer.max_steps=2",
-          f"--trainer.default_root_dir={root}", "--trainer.enable_checkpointing=true",
-          "--trainer.enable_progress_bar=false"])
+    main(
+        [
+            "train",
+            "fit",
+            "--config",
+            str(ROOT / "configs" / "train" / "tiny.yaml"),
+            f"--data.train_shards={demo_out / 'shards'}/train-*.tar",
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={root}",
+            "--trainer.enable_checkpointing=true",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     ckpts = sorted(root.rglob("*.ckpt"))
     assert ckpts, "training wrote no checkpoint"
     assert main(["export", "--checkpoint", str(ckpts[-1]), "--out", str(tmp_path / "model")]) == 0
@@ -75,14 +127,49 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
 
     ref = min((demo_out / "synthid").rglob("*.png"))
     lms = json.loads((demo_out / "synthid" / "landmarks.jsonl").read_text().splitlines()[0])["landmarks"]
-    assert main(["generate", "--model", str(tmp_path / "model"), "--reference", str(ref),
-                 "--landmarks", json.dumps(lms), "--prompt", "a photo of a person", "--prompt", "a face",
-                 "--steps", "2", "--out", str(tmp_path / "gen")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(tmp_path / "model"),
+                "--reference",
+                str(ref),
+                "--landmarks",
+                json.dumps(lms),
+                "--prompt",
+                "a photo of a person",
+                "--prompt",
+                "a face",
+                "--steps",
+                "2",
+                "--out",
+                str(tmp_path / "gen"),
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "gen").glob("*.png"))) == 2
 
     capsys.readouterr()
-    assert main(["eval", "--model", str(tmp_path / "model"), "--shards", f"{demo_out / 'shards'}/heldout-*.tar",
-                 "--steps", "2", "--guidance", "3", "--out", str(tmp_path / "fig.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tmp_path / "model"),
+                "--shards",
+                f"{demo_out / 'shards'}/heldout-*.tar",
+                "--steps",
+                "2",
+                "--guidance",
+                "3",
+                "--out",
+                str(tmp_path / "fig.json"),
+            ]
+        )
+        == 0
+    )
     fig = json.loads((tmp_path / "fig.json").read_text())
     assert {"fs_adapter", "fs_text_only", "fs_same_identity", "fs_different"} <= set(fig)
     assert (fig["sampling_steps"], fig["guidance_scale"]) == (2, 3.0)
@@ -90,5 +177,16 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
 
 def test_generate_reports_a_missing_reference(demo_out, tmp_path):
     with pytest.raises(FileNotFoundError, match="reference image"):
-        main(["generate", "--model", str(demo_out / "export"), "--reference", str(tmp_path / "nope.png"),
-              "--prompt", "x", "--out", str(tmp_path)])
+        main(
+            [
+                "generate",
+                "--model",
+                str(demo_out / "export"),
+                "--reference",
+                str(tmp_path / "nope.png"),
+                "--prompt",
+                "x",
+                "--out",
+                str(tmp_path),
+            ]
+        )

@@ -21,8 +21,12 @@ def _landmarks(seed, noise=0.0):
     """ArcFace template moved by a random similarity (plus optional per-point noise) into a 256 image."""
     rng = np.random.default_rng(seed)
     a, s = rng.uniform(-0.5, 0.5), rng.uniform(0.8, 1.2)
-    m = np.array([[s * math.cos(a), -s * math.sin(a), rng.uniform(60, 80)],
-                  [s * math.sin(a), s * math.cos(a), rng.uniform(60, 80)]])
+    m = np.array(
+        [
+            [s * math.cos(a), -s * math.sin(a), rng.uniform(60, 80)],
+            [s * math.sin(a), s * math.cos(a), rng.uniform(60, 80)],
+        ]
+    )
     return transform_points(ARCFACE_TEMPLATE, m) + rng.normal(0, noise, (5, 2)).astype(np.float32)
 
 
@@ -40,8 +44,11 @@ def test_similarity_matches_numpy_and_skimage_umeyama_on_noisy_points():
     got = estimate_similarity_torch(torch.tensor(src), ARCFACE_TEMPLATE_112)
     assert got.shape == (4, 2, 3)
     for i in range(4):
-        ref = SimilarityTransform.from_estimate(src[i], ARCFACE_TEMPLATE) if hasattr(
-            SimilarityTransform, "from_estimate") else None
+        ref = (
+            SimilarityTransform.from_estimate(src[i], ARCFACE_TEMPLATE)
+            if hasattr(SimilarityTransform, "from_estimate")
+            else None
+        )
         if ref is None:
             ref = SimilarityTransform()
             ref.estimate(src[i], ARCFACE_TEMPLATE)

@@ -102,7 +102,9 @@ def test_arcface_torch_backbone_pth_loads_with_inferred_or_named_arch(tmp_path):
 def test_a_folder_holding_only_backbone_pth_loads(tmp_path):
     enc = _encoder()
     torch.save(enc.backbone.state_dict(), tmp_path / "backbone.pth")
-    assert np.array_equal(FaceEncoder.from_pretrained(tmp_path).embed_uint8(_crops(1)), enc.embed_uint8(_crops(1)))
+    assert np.array_equal(
+        FaceEncoder.from_pretrained(tmp_path).embed_uint8(_crops(1)), enc.embed_uint8(_crops(1))
+    )
 
 
 def test_pickled_objects_are_refused_not_executed(tmp_path):

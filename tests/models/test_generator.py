@@ -9,8 +9,11 @@ from idforge.models.zoo import ZooSpec
 
 
 def _spec(tiny_zoo) -> ZooSpec:
-    return ZooSpec(base=str(tiny_zoo), image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-                   face_encoder=str(tiny_zoo / "face_encoder"))
+    return ZooSpec(
+        base=str(tiny_zoo),
+        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
+        face_encoder=str(tiny_zoo / "face_encoder"),
+    )
 
 
 @pytest.mark.parametrize("train_unet", [True, False])
@@ -27,8 +30,9 @@ def test_trainable_key_set_is_exactly_adapter_plus_optional_unet(tiny_zoo, train
 
 
 def test_decoupled_variant_trains_identity_processors_with_a_frozen_unet(tiny_zoo):
-    model = IdentityGenerator.from_config(GeneratorConfig(zoo=_spec(tiny_zoo), train_unet=False,
-                                                          adapter={"variant": "decoupled"}))
+    model = IdentityGenerator.from_config(
+        GeneratorConfig(zoo=_spec(tiny_zoo), train_unet=False, adapter={"variant": "decoupled"})
+    )
     keys = set(model.trainable_state_dict())
     procs = {k for k in keys if k.startswith("unet.")}
     assert procs and all(".processor." in k for k in procs)

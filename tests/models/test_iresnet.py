@@ -23,8 +23,9 @@ def _meta(arch: str) -> IResNet:
         return IResNet(IResNetConfig.named(arch))
 
 
-@pytest.mark.parametrize("arch,params,keys", [("r18", 24_025_600, 187), ("r50", 43_590_848, 475),
-                                             ("r100", 65_156_160, 925)])
+@pytest.mark.parametrize(
+    "arch,params,keys", [("r18", 24_025_600, 187), ("r50", 43_590_848, 475), ("r100", 65_156_160, 925)]
+)
 def test_released_depths_have_arcface_torch_parameter_counts(arch, params, keys):
     model = _meta(arch)  # arcface_torch reports 43.6M (r50) and 65.2M (r100) parameters
     assert sum(p.numel() for p in model.parameters()) == params
@@ -33,10 +34,25 @@ def test_released_depths_have_arcface_torch_parameter_counts(arch, params, keys)
 
 def test_state_dict_keys_follow_arcface_torch_names():
     state = _meta("r50").state_dict()
-    for key in ["conv1.weight", "bn1.running_var", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.conv1.weight",
-                "layer1.0.bn2.bias", "layer1.0.prelu.weight", "layer1.0.conv2.weight", "layer1.0.bn3.running_mean",
-                "layer1.0.downsample.0.weight", "layer1.0.downsample.1.num_batches_tracked", "layer3.13.conv2.weight",
-                "bn2.weight", "fc.weight", "fc.bias", "features.weight", "features.running_mean"]:
+    for key in [
+        "conv1.weight",
+        "bn1.running_var",
+        "prelu.weight",
+        "layer1.0.bn1.weight",
+        "layer1.0.conv1.weight",
+        "layer1.0.bn2.bias",
+        "layer1.0.prelu.weight",
+        "layer1.0.conv2.weight",
+        "layer1.0.bn3.running_mean",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.num_batches_tracked",
+        "layer3.13.conv2.weight",
+        "bn2.weight",
+        "fc.weight",
+        "fc.bias",
+        "features.weight",
+        "features.running_mean",
+    ]:
         assert key in state, key
     assert "layer1.1.downsample.0.weight" not in state and "layer3.14.conv1.weight" not in state
     assert state["fc.weight"].shape == (512, 512 * 7 * 7)
@@ -62,7 +78,9 @@ def test_features_scale_is_fixed_at_one_and_not_trained():
 
 
 def test_named_constructors_and_aliases_agree():
-    assert IResNetConfig.named("iresnet50") == IResNetConfig.named("r50") == IResNetConfig(layers=(3, 4, 14, 3))
+    assert (
+        IResNetConfig.named("iresnet50") == IResNetConfig.named("r50") == IResNetConfig(layers=(3, 4, 14, 3))
+    )
     assert IResNetConfig().layers == ARCHS["r18"]
     with torch.device("meta"):
         assert iresnet18().config.layers == (2, 2, 2, 2)
@@ -71,8 +89,15 @@ def test_named_constructors_and_aliases_agree():
         IResNetConfig.named("r200")
 
 
-@pytest.mark.parametrize("kw,match", [({"layers": (1, 1, 1)}, "4 stages"), ({"widths": (4, 8, 0, 8)}, "positive"),
-                                      ({"input_size": 100}, "multiple of 16"), ({"dropout": 1.0}, "dropout")])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"layers": (1, 1, 1)}, "4 stages"),
+        ({"widths": (4, 8, 0, 8)}, "positive"),
+        ({"input_size": 100}, "multiple of 16"),
+        ({"dropout": 1.0}, "dropout"),
+    ],
+)
 def test_invalid_configs_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
         IResNetConfig(**kw)

@@ -279,12 +279,24 @@ def test_samples_without_identity_input_get_no_identity_term():
     x0 = _pixels(4).requires_grad_(True)
     lms = LMS.expand(4, 5, 2).clone()
     ref = F.normalize(torch.randn(4, 512), dim=-1)
-    out = loss(x0_hat=x0, decode=lambda z: z, timesteps=t, landmarks=lms, reference_embeds=ref,
-               active=torch.tensor([True, False, True, False]))
+    out = loss(
+        x0_hat=x0,
+        decode=lambda z: z,
+        timesteps=t,
+        landmarks=lms,
+        reference_embeds=ref,
+        active=torch.tensor([True, False, True, False]),
+    )
     assert out.num_used == 1
     out.loss.backward()
     per_sample = x0.grad.abs().flatten(1).sum(1)
     assert per_sample[0] > 0 and per_sample[1:].eq(0).all()
-    none = loss(x0_hat=x0, decode=lambda z: z, timesteps=t, landmarks=lms, reference_embeds=ref,
-                active=torch.zeros(4, dtype=torch.bool))
+    none = loss(
+        x0_hat=x0,
+        decode=lambda z: z,
+        timesteps=t,
+        landmarks=lms,
+        reference_embeds=ref,
+        active=torch.zeros(4, dtype=torch.bool),
+    )
     assert none.num_used == 0 and none.loss.item() == 0.0

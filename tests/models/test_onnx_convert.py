@@ -18,9 +18,17 @@ def _export(model: torch.nn.Module, path, dynamic: bool = True):
     axes = {"input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, torch.randn(1, 3, 112, 112), str(path), dynamo=False, input_names=["input"],
-                          output_names=["embedding"], dynamic_axes=axes, opset_version=13,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            model,
+            torch.randn(1, 3, 112, 112),
+            str(path),
+            dynamo=False,
+            input_names=["input"],
+            output_names=["embedding"],
+            dynamic_axes=axes,
+            opset_version=13,
+            do_constant_folding=True,
+        )
 
 
 def _randomize_bn(model: IResNet, seed: int):
@@ -41,10 +49,15 @@ def _randomize_bn(model: IResNet, seed: int):
                 m.weight.uniform_(0.1, 0.4, generator=g)
 
 
-@pytest.mark.parametrize("cfg", [IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16)),
-                                 IResNetConfig(layers=(1, 3, 2, 1), widths=(8, 8, 16, 16), embedding_size=128),
-                                 IResNetConfig.named("r18")],
-                         ids=["tiny", "uneven-stages", "iresnet18"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16)),
+        IResNetConfig(layers=(1, 3, 2, 1), widths=(8, 8, 16, 16), embedding_size=128),
+        IResNetConfig.named("r18"),
+    ],
+    ids=["tiny", "uneven-stages", "iresnet18"],
+)
 def test_onnx_to_torch_matches_onnxruntime(cfg, tmp_path, record_property):
     import onnxruntime as ort
 
@@ -62,7 +75,9 @@ def test_onnx_to_torch_matches_onnxruntime(cfg, tmp_path, record_property):
         got = converted(torch.from_numpy(x)).numpy()
     err = float(np.abs(got - ref).max())
     record_property("max_abs_error", err)
-    print(f"ONNX -> torch IResNet {report['arch']}: max abs error {err:.2e} (outputs up to {np.abs(ref).max():.2f})")
+    print(
+        f"ONNX -> torch IResNet {report['arch']}: max abs error {err:.2e} (outputs up to {np.abs(ref).max():.2f})"
+    )
     assert np.abs(ref).max() > 0.1  # a meaningful, non-vanishing output
     assert err < 1e-4
 

@@ -20,8 +20,13 @@ def test_every_component_loads_through_the_real_loaders(tiny_zoo):
     image = zoo.load_image_encoder(spec)
     face = zoo.load_face_encoder(spec)
 
-    ids = tok(["a photo of a person with a round face"], padding="max_length", max_length=77,
-              truncation=True, return_tensors="pt").input_ids
+    ids = tok(
+        ["a photo of a person with a round face"],
+        padding="max_length",
+        max_length=77,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     assert ids.shape == (1, 77)
     states = text(ids)[0]
     assert states.shape == (1, 77, unet.config.cross_attention_dim)
@@ -65,8 +70,9 @@ def test_diffusers_pipeline_loads_the_tiny_folder(tiny_zoo):
 
 
 def test_pixel_codec_zoo(tmp_path):
-    spec = zoo.build_tiny(tmp_path / "px", zoo.TinyConfig(codec="pixel", unet_channels=(16, 32),
-                                                          unet_attention=(False, True)))
+    spec = zoo.build_tiny(
+        tmp_path / "px", zoo.TinyConfig(codec="pixel", unet_channels=(16, 32), unet_attention=(False, True))
+    )
     assert spec.vae == zoo.PIXEL
     unet = zoo.load_unet(spec)
     assert unet.config.in_channels == 3

@@ -17,29 +17,43 @@ def _batches(n: int = 2, b: int = 2):
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        out.append({
-            "image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1,
-            "landmarks": _LMS.expand(b, 5, 2).clone(),
-            "box": torch.tensor([[6.0, 8.0, 26.0, 30.0]]).expand(b, 4).clone(),
-            "embedding": torch.nn.functional.normalize(torch.randn(b, 512, generator=g), dim=-1),
-            "caption": ["a photo of a person with a round face"] * b,
-        })
+        out.append(
+            {
+                "image": torch.rand(b, 3, 32, 32, generator=g) * 2 - 1,
+                "landmarks": _LMS.expand(b, 5, 2).clone(),
+                "box": torch.tensor([[6.0, 8.0, 26.0, 30.0]]).expand(b, 4).clone(),
+                "embedding": torch.nn.functional.normalize(torch.randn(b, 512, generator=g), dim=-1),
+                "caption": ["a photo of a person with a round face"] * b,
+            }
+        )
     return out
 
 
 def _module(tiny_zoo, identity_loss=None, **adapter):
-    spec = ZooSpec(base=str(tiny_zoo), image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-                   face_encoder=str(tiny_zoo / "face_encoder"))
-    return IdentityDiffusionModule(GeneratorConfig(zoo=spec, adapter={"variant": "final", **adapter}),
-                                   identity_loss=identity_loss,
-                                   optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    spec = ZooSpec(
+        base=str(tiny_zoo),
+        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
+        face_encoder=str(tiny_zoo / "face_encoder"),
+    )
+    return IdentityDiffusionModule(
+        GeneratorConfig(zoo=spec, adapter={"variant": "final", **adapter}),
+        identity_loss=identity_loss,
+        optimizer=lambda p: torch.optim.Adam(p, lr=1e-3),
+    )
 
 
 def test_one_training_step_updates_trainable_weights_only(tiny_zoo, tmp_path):
     module = _module(tiny_zoo, IdentityLossConfig(lambda_id=0.1, k=5.0))
     before = {k: v.clone() for k, v in module.model.state_dict().items()}
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(_batches(), batch_size=None))
     after = module.model.state_dict()
     changed = {k for k in after if not torch.equal(before[k], after[k])}
@@ -55,8 +69,14 @@ def test_checkpoint_holds_exactly_the_trainable_weights(tiny_zoo, tmp_path):
     module.model.train_unet = False
     for name, p in module.model.named_parameters():
         p.requires_grad_(module.model.is_trainable(name))
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, train_dataloaders=DataLoader(_batches(1), batch_size=None))
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
