@@ -141,33 +141,3 @@ def load_pairs(data: str | Path, limit: int | None = None) -> tuple[list, list[s
     if not pairs:
         raise ValueError(f"caption-finetune data {data}: no (image, caption) pairs found")
     return [Image.open(p).convert("RGB") for p, _ in pairs], [c for _, c in pairs]
-
-
-def add_arguments(p) -> None:
-    """Arguments of ``idforge caption-finetune`` (an argparse parser)."""
-    p.add_argument("--model", required=True, help="BLIP hub name (cached) or local folder to start from")
-    p.add_argument("--data", required=True, help="JSONL of image/caption pairs, or a CelebA folder")
-    p.add_argument("--out", required=True, help="output folder, loadable by the blip captioner")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
-
-
-def run_from_args(args) -> tuple[Path, dict]:
-    images, captions = load_pairs(args.data, args.limit)
-    return finetune_blip(
-        args.model,
-        images,
-        captions,
-        args.out,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        train_vision=args.train_vision,
-    )

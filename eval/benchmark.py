@@ -14,6 +14,7 @@ ArcFace embedding (FlowID's InjuredFaces protocol) and:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,12 @@ class IdentityGroup:
     captions: list[str]
 
 
+def benchmark_steps(num_groups: int, sampling: SamplingConfig | None = None, batch_size: int = 32) -> int:
+    """Denoising steps :func:`identity_benchmark` runs (adapter + text-only, per batch): a progress total."""
+    batches = -(-num_groups // batch_size)
+    return 2 * batches * (sampling or SamplingConfig()).steps
+
+
 @torch.no_grad()
 def identity_benchmark(
     model: IdentityGenerator,
@@ -41,12 +48,14 @@ def identity_benchmark(
     sampling: SamplingConfig | None = None,
     generated_landmarks: torch.Tensor | None = None,
     batch_size: int = 32,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the benchmark; returns (figures, images) with images["reference"|"adapter"|"text_only"].
 
     ``face_encoder`` is the evaluation ArcFace (may differ from the one the generator conditions on).
     ``generated_landmarks`` (5, 2) places the face in generated images (models trained on aligned
-    crops generate aligned faces); by default each reference's landmarks are used.
+    crops generate aligned faces); by default each reference's landmarks are used. ``progress(1)``
+    is called after every denoising step (:func:`benchmark_steps` gives the total).
     """
     if len(groups) < 2:
         raise ValueError("identity_benchmark needs at least 2 held-out identities (for the floor figure)")
@@ -70,7 +79,15 @@ def identity_benchmark(
         e_arc, e_clip = model.identity_embeds(refs[sl], ref_lms[sl])
         for name, scale in (("adapter", 1.0), ("text_only", 0.0)):
             outs[name].append(
-                sample(model, captions[sl], e_arc * scale, e_clip * scale, resolution, sampling)
+                sample(
+                    model,
+                    captions[sl],
+                    e_arc * scale,
+                    e_clip * scale,
+                    resolution,
+                    sampling,
+                    progress=progress,
+                )
             )
     images = {"reference": refs.cpu(), **{k: torch.cat(v).cpu() for k, v in outs.items()}}
     gen_lms = ref_lms if generated_landmarks is None else generated_landmarks.to(device).expand_as(ref_lms)

@@ -9,6 +9,7 @@ Classifier-free guidance (Ho & Salimans 2022) contrasts the full conditioning wi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,13 @@ def sample(
     resolution: int,
     config: SamplingConfig | None = None,
     latents: torch.Tensor | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Generate images (B, 3, H, W) in [-1, 1] for the given identity embeddings and captions.
 
     ``latents`` (B, C, h, w) starts the sampler from a given z_T (used by morphing); otherwise
-    z_T is drawn with ``config.seed``.
+    z_T is drawn with ``config.seed``. ``progress(1)`` is called after every denoising step (a
+    ``tqdm.update``).
     """
     from diffusers import DDIMScheduler
 
@@ -73,4 +76,6 @@ def sample(
             pred_null = model.predict(x_in, tt, null)
             pred = pred_null + cfg.guidance_scale * (pred - pred_null)
         latents = sched.step(pred, t, latents, eta=cfg.eta).prev_sample
+        if progress is not None:
+            progress(1)
     return model.codec.decode(latents).clamp(-1, 1)

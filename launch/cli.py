@@ -1,212 +1,216 @@
-"""The ``idforge`` command: one entry point, a subcommand per job.
+"""The ``idforge`` command: one entry point, a subcommand per job, every one built the same way.
 
-    idforge demo      [--out DIR] [--quick]          whole flow on SynthID + tiny models (CPU, offline)
-    idforge curate    --input PATH --output DIR      raw photos -> identity-grouped webdataset shards
-    idforge caption-finetune --model BLIP --data JSONL --out DIR   BLIP fine-tuned on attribute captions
-    idforge cache     --shards DIR --out DIR --base SD   shards + cached VAE latents and CLIP text states
-    idforge train     fit --config YAML              LightningCLI (fit / validate / test)
-    idforge export    --checkpoint CKPT --out DIR    Lightning checkpoint -> self-contained folder
-    idforge generate  --model DIR --reference IMG    images of the reference's identity
-    idforge eval      --model DIR --shards GLOB      held-out FS table of an exported model
+    idforge demo             whole flow on SynthID + tiny models (CPU, offline)
+    idforge curate           raw photos -> identity-grouped webdataset shards
+    idforge caption-finetune BLIP fine-tuned on attribute captions (Diff-ID's captioner)
+    idforge cache            shards + cached VAE latents and CLIP text states
+    idforge train            LightningCLI (fit / validate / test)
+    idforge export           Lightning checkpoint -> self-contained model folder
+    idforge generate         images of a reference face's identity
+    idforge eval             held-out FS table of an exported model
+    idforge convert-onnx     insightface recognition .onnx -> torch face-encoder folder
+
+Each subcommand is a jsonargparse parser over a typed function (or, for ``curate``, the
+``CurateConfig`` dataclass; for ``train``, LightningCLI), the way LightningCLI and litgpt build
+theirs: ``--config FILE`` (YAML keys = the options), ``--print_config``, typed options whose help is
+the function's docstring. ``~`` and environment variables are expanded in path options. Errors are
+one line on stderr naming the file, key or path (:mod:`.errors`); exit code 2 for usage errors, 1 for
+failures; ``--debug`` (anywhere on the line) shows the traceback, ``-v`` the libraries' logs.
 
 Only this package prints; library code logs.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
+import importlib
+import inspect
 import logging
+import os
 import sys
+import traceback
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 
+from idforge.paths import expand_path
 
-def _demo(args) -> int:
-    from .demo import DemoConfig, format_table, run_demo
-
-    cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    if args.seed is not None:
-        cfg.seed = args.seed
-    if args.steps is not None:
-        cfg.steps = args.steps
-    if args.identity_loss is not None:
-        cfg.identity_loss = args.identity_loss
-    print(f"idforge demo -> {args.out}  ({'quick' if args.quick else 'full'} run, CPU, offline)", flush=True)
-    fig = run_demo(args.out, cfg, report=lambda m: print(m, flush=True))
-    print()
-    print(format_table(fig))
-    print(
-        f"\nsteps {fig['steps']}, {fig['seconds']:.0f} s in total; wrote {Path(args.out) / 'demo.json'} and "
-        f"{Path(args.out) / 'demo_grid.png'} (rows: reference | adapter | text-only)"
-    )
-    return 0
+from .errors import FAILURE_EXIT, USAGE_EXIT, UsageError, one_line, usage_message
 
 
-def _curate(args) -> int:
-    from .curate_cmd import run_curate_command
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: ``target`` is ``module:function`` (options = the function's parameters) or, with
+    ``config_class``, the options are that dataclass's fields and ``target`` receives the instance."""
 
-    return run_curate_command(args)
-
-
-def _caption_finetune(args) -> int:
-    from idforge.data_pipeline.caption_finetune import run_from_args
-
-    out, history = run_from_args(args)
-    losses = history.get("loss") or []
-    tail = f", final loss {losses[-1]:.4f}" if losses else ""
-    print(f"fine-tuned captioner written to {out}{tail}; use it with caption backend 'blip' and model={out}")
-    return 0
+    target: str
+    help: str
+    config_class: str | None = None
 
 
-def _cache(args) -> int:
-    from idforge.data_pipeline.cache import cache_shards
-
-    summary = cache_shards(
-        args.shards,
-        args.out,
-        {"base": args.base},
-        args.resolution,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        progress=lambda name: print(f"cached {name}", flush=True),
-    )
-    print(
-        f"{summary['images_encoded']} images encoded into {len(summary['shards'])} shards in {args.out} "
-        f"({len(summary['skipped_existing'])} already cached); train with --data.train_shards pointing there"
-    )
-    return 0
-
-
-def _export(args) -> int:
-    from .export_cmd import export_checkpoint
-
-    out = export_checkpoint(args.checkpoint, args.out, resolution=args.resolution)
-    print(f"exported {args.checkpoint} -> {out}")
-    return 0
-
-
-def _generate(args) -> int:
-    from .generate_cmd import run_generate
-
-    paths = run_generate(args)
-    for p in paths:
-        print(p)
-    return 0
+COMMANDS: dict[str, Command] = {
+    "demo": Command("idforge.launch.demo_cmd:demo", "run the end-to-end demo on SynthID with tiny models"),
+    "curate": Command(
+        "idforge.launch.curate_cmd:curate",
+        "curate raw photos into identity-grouped webdataset shards",
+        config_class="idforge.data_pipeline.curate:CurateConfig",
+    ),
+    "caption-finetune": Command(
+        "idforge.launch.caption_finetune_cmd:caption_finetune",
+        "fine-tune BLIP on attribute captions (Diff-ID's captioner)",
+    ),
+    "cache": Command(
+        "idforge.launch.cache_cmd:cache", "add cached VAE latents and CLIP text states to curated shards"
+    ),
+    "train": Command("idforge.launch.train_cmd:run_train", "LightningCLI: idforge train fit --config YAML"),
+    "export": Command(
+        "idforge.launch.export_cmd:export", "export a training checkpoint to a self-contained model folder"
+    ),
+    "generate": Command(
+        "idforge.launch.generate_cmd:generate", "generate images of a reference face's identity"
+    ),
+    "eval": Command("idforge.launch.eval_cmd:evaluate", "FS table of an exported model on held-out shards"),
+    "convert-onnx": Command(
+        "idforge.launch.convert_cmd:convert_onnx",
+        "convert an insightface recognition .onnx into a torch face-encoder folder",
+    ),
+}
+"""Subcommands in the order ``idforge --help`` lists them; modules are imported only when used."""
 
 
-def _eval(args) -> int:
-    from .eval_cmd import run_eval
-
-    fig = run_eval(args)
-    print(json.dumps(fig, indent=2))
-    return 0
+def _resolve(spec: str):
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="idforge", description=__doc__.split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    d = sub.add_parser("demo", help="run the end-to-end demo on SynthID with tiny models")
-    d.add_argument("--out", default="demo_out", help="output folder (default: ./demo_out)")
-    d.add_argument("--quick", action="store_true", help="a much shorter run (for tests and smoke checks)")
-    d.add_argument("--seed", type=int, default=None)
-    d.add_argument(
-        "--steps", type=int, default=None, help="generator training steps (default: 500, quick: 4)"
-    )
-    d.add_argument(
-        "--identity-loss",
-        type=float,
-        default=None,
-        metavar="LAMBDA",
-        help="train with the time-weighted ArcFace identity loss at this weight (default: off)",
-    )
-    d.set_defaults(func=_demo)
-
-    c = sub.add_parser("curate", help="curate raw photos into identity-grouped webdataset shards")
-    from .curate_cmd import add_curate_arguments
-
-    add_curate_arguments(c)
-    c.set_defaults(func=_curate)
-
-    f = sub.add_parser("caption-finetune", help="fine-tune BLIP on attribute captions (Diff-ID's captioner)")
-    from idforge.data_pipeline.caption_finetune import add_arguments
-
-    add_arguments(f)
-    f.set_defaults(func=_caption_finetune)
-
-    k = sub.add_parser("cache", help="add cached VAE latents and CLIP text states to curated shards")
-    k.add_argument("--shards", required=True, help="folder of shards written by `idforge curate`")
-    k.add_argument("--out", required=True, help="output folder for the cached copies (resumable)")
-    k.add_argument(
-        "--base",
-        default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        help="diffusers folder or hub name holding vae/, text_encoder/, tokenizer/ (or tiny:/folder)",
-    )
-    k.add_argument("--resolution", type=int, required=True, help="training resolution the latents are for")
-    k.add_argument("--device", default="cpu")
-    k.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    k.add_argument("--batch-size", type=int, default=16)
-    k.set_defaults(func=_cache)
-
-    sub.add_parser(
-        "train", help="LightningCLI: idforge train fit --config configs/train/tiny.yaml", add_help=False
+def top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {name:<{width}}  {cmd.help}" for name, cmd in COMMANDS.items())
+    return (
+        "usage: idforge [--debug] [-v] COMMAND [--config FILE] [--print_config] [options]\n\n"
+        "Train zero-shot identity-conditioned face generators and curate their data.\n\n"
+        f"commands:\n{rows}\n\n"
+        "`idforge COMMAND --help` lists a command's options; every command takes --config FILE (YAML\n"
+        "whose keys are the options) and --print_config. --debug shows tracebacks, -v library logs."
     )
 
-    e = sub.add_parser("export", help="export a training checkpoint to a self-contained model folder")
-    e.add_argument("--checkpoint", required=True, help="Lightning .ckpt written by `idforge train fit`")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument(
-        "--resolution", type=int, default=None, help="generation resolution (default: from the data)"
-    )
-    e.set_defaults(func=_export)
 
-    g = sub.add_parser("generate", help="generate images of a reference face's identity")
-    g.add_argument("--model", required=True, help="folder written by `idforge export` (or `idforge demo`)")
-    g.add_argument("--reference", required=True, help="reference face image")
-    g.add_argument(
-        "--landmarks",
-        default=None,
-        help="5 landmarks of the reference as JSON [[x,y]*5]; default: the image is already an "
-        "aligned crop at the model's template",
-    )
-    g.add_argument("--prompt", action="append", required=True, help="caption; repeat for several images")
-    g.add_argument("--out", required=True, help="output folder for PNGs")
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="cpu")
-    g.set_defaults(func=_generate)
+# -- parsers -----------------------------------------------------------------------------------
 
-    v = sub.add_parser("eval", help="FS table of an exported model on held-out identity shards")
-    v.add_argument("--model", required=True, help="folder written by `idforge export`")
-    v.add_argument("--shards", required=True, help="held-out shards (glob or brace pattern)")
-    v.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    v.add_argument(
-        "--guidance",
-        type=float,
-        default=1.0,
-        help="classifier-free guidance scale against the null identity (the demo uses 2.0)",
+
+def _parser(prog: str, description: str):
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    from .errors import RaisingParserMixin
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+    class CommandParser(RaisingParserMixin, ArgumentParser):
+        pass
+
+    p = CommandParser(prog=prog, description=description, allow_abbrev=False)
+    p.add_argument(
+        "-c", "--config", action=ActionConfigFile, help="YAML file whose keys are this command's options"
     )
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--max-identities", type=int, default=200)
-    v.add_argument("--out", default=None, help="write the figures as JSON here")
-    v.set_defaults(func=_eval)
     return p
 
 
+def _is_bool(annotation) -> bool:
+    return annotation is bool or annotation == "bool"
+
+
+def _is_list(annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return origin is list
+
+
+def _mentions_path(annotation) -> bool:
+    return annotation is Path or any(_mentions_path(a) for a in typing.get_args(annotation))
+
+
+def _hints(fn) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # noqa: BLE001  (unresolvable forward references: treat every option as plain)
+        return {}
+
+
+def _shell_style(argv: list[str], hints: dict) -> list[str]:
+    """Accept the shell habits jsonargparse does not: a bare ``--flag`` for a bool option (``--quick``)
+    and a repeated ``--prompt A --prompt B`` for a list option (appended, as ``--prompt+``)."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:] if arg.startswith("--") and "=" not in arg else None
+        hint = hints.get(name) if name else None
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if hint is not None and _is_bool(hint) and (nxt is None or nxt.startswith("-")):
+            out.append(f"{arg}=true")
+        elif hint is not None and _is_list(hint) and nxt is not None and not nxt.lstrip().startswith("["):
+            out += [f"{arg}+", nxt]
+            i += 1
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def _run_function(prog: str, fn, argv: list[str]):
+    doc = inspect.getdoc(fn) or ""
+    p = _parser(prog, doc.split("\n\n")[0])
+    p.add_function_arguments(fn, None, as_group=False)
+    hints = _hints(fn)
+    cfg = p.instantiate(p.parse_args(_shell_style(argv, hints)))
+    kwargs = {}
+    for name in inspect.signature(fn).parameters:
+        if name in cfg:
+            value = cfg[name]
+            kwargs[name] = expand_path(value) if _mentions_path(hints.get(name, type(None))) else value
+    return fn(**kwargs)
+
+
+def _run_config(prog: str, config_class, fn, argv: list[str]):
+    doc = inspect.getdoc(fn) or ""
+    p = _parser(prog, doc.split("\n\n")[0])
+    p.add_class_arguments(config_class, None)
+    hints = _hints(config_class)
+    cfg = p.instantiate(p.parse_args(_shell_style(argv, hints)))
+    fields = {f.name: cfg[f.name] for f in dataclasses.fields(config_class) if f.name in cfg}
+    return fn(config_class(**fields))
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    cmd = COMMANDS[name]
+    fn = _resolve(cmd.target)
+    prog = f"idforge {name}"
+    if name == "train":
+        fn(argv)
+        return 0
+    if cmd.config_class:
+        return int(_run_config(prog, _resolve(cmd.config_class), fn, argv) or 0)
+    return int(_run_function(prog, fn, argv) or 0)
+
+
+# -- logging and the libraries' output ----------------------------------------------------------
+
+
 def _quiet_libraries() -> None:
-    """Keep the command's output to idforge's own report (use -v for the libraries' logs)."""
+    """Keep the command's output to idforge's own report and progress bars (``-v`` shows the libraries'
+    logs). Download progress bars (huggingface_hub's) stay on: a first multi-GB download shows."""
     import warnings
 
     import lightning.pytorch  # noqa: F401  (its import sets its loggers to INFO: quiet them after it)
     from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as transformers_logging
 
-    transformers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # per-load "Loading weights" bars ...
     diffusers_logging.disable_progress_bar()
+    enable_progress_bars()  # ... but transformers' switch also silences downloads: turn those back on
+    transformers_logging.set_verbosity_error()
     diffusers_logging.set_verbosity_error()
     for name in (
         "lightning",
@@ -218,22 +222,62 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+    warnings.filterwarnings("ignore", module=r"jsonargparse\..*")
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+
+def _pop_flags(argv: list[str], *flags: str) -> bool:
+    found = any(f in argv for f in flags)
+    argv[:] = [a for a in argv if a not in flags]
+    return found
+
+
+def _failure_message(exc: BaseException) -> str:
+    text = one_line(str(exc))
+    if isinstance(exc, (OSError, ValueError, RuntimeError)) and text and not isinstance(exc, KeyError):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "-v" not in argv and "--verbose" not in argv:
-        _quiet_libraries()
-    if argv and argv[0] == "train":
-        from .train_cmd import run_train
-
-        run_train(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    debug = _pop_flags(argv, "--debug")
+    verbose = _pop_flags(argv, "-v", "--verbose")
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args) or 0)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(top_help())
+        return 0 if argv else USAGE_EXIT
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(
+            f"idforge: error: unknown command '{name}'; choose from {', '.join(COMMANDS)} "
+            "(idforge --help describes them)",
+            file=sys.stderr,
+        )
+        return USAGE_EXIT
+    if not verbose:
+        _quiet_libraries()
+    try:
+        return run_command(name, rest)
+    except UsageError as exc:
+        if debug:
+            traceback.print_exc()
+        prog = f"idforge {name}" + (
+            f" {rest[0]}" if name == "train" and rest and not rest[0].startswith("-") else ""
+        )
+        print(f"idforge {name}: error: {usage_message(str(exc), rest, prog)}", file=sys.stderr)
+        return USAGE_EXIT
+    except KeyboardInterrupt:
+        print(f"idforge {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every failure ends as one line; --debug shows where)
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (--debug shows the traceback)"
+        print(f"idforge {name}: error: {_failure_message(exc)}{hint}", file=sys.stderr)
+        return FAILURE_EXIT
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     import lightning as L
     from idforge.data_pipeline.align import template_for
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
-    from idforge.eval.benchmark import identity_benchmark
+    from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_exported
     from idforge.inference.sampling import SamplingConfig
     from idforge.models.generator import GeneratorConfig
@@ -148,9 +149,16 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
 
     crops, labels = _aligned_arrays(synth, list(synth.train_ids), cfg.images_per_identity, 112, 1.0)
     face_cfg = IResNetConfig(layers=(1, 1, 1, 1), widths=tuple(cfg.face_widths))
-    encoder, _ = fit_face_encoder(
-        crops, labels, face_cfg, epochs=cfg.face_epochs, batch_size=cfg.face_batch_size, seed=cfg.seed
-    )
+    with tqdm(total=cfg.face_epochs, unit="epoch", desc="face encoder") as bar:
+        encoder, _ = fit_face_encoder(
+            crops,
+            labels,
+            face_cfg,
+            epochs=cfg.face_epochs,
+            batch_size=cfg.face_batch_size,
+            seed=cfg.seed,
+            progress=lambda epoch, loss: (bar.set_postfix(loss=f"{loss:.3f}"), bar.update(1)),
+        )
     encoder.eval()
     h_crops, h_labels = _aligned_arrays(synth, list(synth.heldout_ids), cfg.images_per_identity, 112, 1.0)
     ver = verification_scores(encoder, h_crops, h_labels)
@@ -192,7 +200,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         accelerator="cpu",
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=True,
         enable_model_summary=False,
         limit_val_batches=0,
         gradient_clip_val=1.0,
@@ -215,13 +223,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
 
     groups = heldout_groups(out / "shards", cfg.resolution)
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
-    figures, images = identity_benchmark(
-        model,
-        groups,
-        model.face_encoder,
-        SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale),
-        generated_landmarks=lms,
-    )
+    sampling = SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale)
+    with tqdm(total=benchmark_steps(len(groups), sampling), unit="step", desc="generate") as bar:
+        figures, images = identity_benchmark(
+            model, groups, model.face_encoder, sampling, generated_landmarks=lms, progress=bar.update
+        )
     clock.done("generate + evaluate", f"{len(groups)} held-out identities")
 
     _save_grid(images, out / "demo_grid.png")

@@ -31,3 +31,16 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, resolution: int |
     model.load_state_dict(state, strict=False)
     res = resolution or int(model.unet.config.sample_size) * model.codec.downsample
     return export_generator(model, out, res)
+
+
+def export(checkpoint: Path, out: Path, resolution: int | None = None) -> int:
+    """Export a training checkpoint (trainable weights + hyper-parameters) to a self-contained model folder.
+
+    Args:
+        checkpoint: Lightning .ckpt written by `idforge train fit` (under default_root_dir/checkpoints).
+        out: output folder (diffusers layout + adapter), loaded by `idforge generate` and `idforge eval`.
+        resolution: generation resolution in pixels (default: the UNet's sample size x the codec's factor).
+    """
+    folder = export_checkpoint(checkpoint, out, resolution=resolution)
+    print(f"exported {checkpoint} -> {folder}")
+    return 0

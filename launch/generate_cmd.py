@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ def _load_reference(path: Path, resolution: int, landmarks, crop_scale: float):
         raise ValueError(f"{path}: not a readable image ({exc})") from exc
     arr = np.asarray(img)
     if landmarks is not None:
-        lm = np.asarray(json.loads(landmarks), dtype=np.float32)
+        lm = np.asarray(landmarks, dtype=np.float32)
         if lm.shape != (5, 2):
             raise ValueError(f"--landmarks must be 5 [x, y] pairs, got shape {lm.shape}")
         arr, _ = align_face(arr, lm, size=resolution, scale=crop_scale)
@@ -34,29 +33,56 @@ def _load_reference(path: Path, resolution: int, landmarks, crop_scale: float):
     return x[None], lms[None]
 
 
-def run_generate(args) -> list[Path]:
-    model, manifest = load_exported(args.model, device=args.device)
+def generate(
+    model: Path,
+    reference: Path,
+    prompt: list[str],
+    out: Path,
+    landmarks: list[list[float]] | None = None,
+    steps: int = 50,
+    guidance: float = 1.0,
+    seed: int = 0,
+    device: str = "cpu",
+) -> int:
+    """Generate images of a reference face's identity, one per prompt, as PNGs.
+
+    Args:
+        model: folder written by `idforge export` (or `idforge demo`'s export/).
+        reference: reference face image.
+        prompt: caption of an image; repeat `--prompt` for several images.
+        out: output folder for the PNGs (000.png, 001.png, ...).
+        landmarks: the reference's 5 landmarks as JSON [[x, y], ...] (eyes, nose, mouth corners); default:
+            the image is already an aligned crop at the model's template.
+        steps: DDIM sampling steps.
+        guidance: classifier-free guidance scale against the null identity.
+        seed: sampling seed.
+        device: where to run (cpu, cuda).
+    """
+    from tqdm import tqdm
+
+    if not model.is_dir():
+        raise FileNotFoundError(f"--model {model}: no such folder (write one with `idforge export`)")
+    if not reference.is_file():
+        raise FileNotFoundError(f"reference image {reference} not found")
+    generator, manifest = load_exported(model, device=device)
     res = int(manifest["resolution"])
-    ref, lms = _load_reference(
-        Path(args.reference), res, args.landmarks, float(manifest.get("crop_scale", 1.0))
-    )
-    e_arc, e_clip = model.identity_embeds(ref.to(model.device), lms.to(model.device))
-    prompts = list(args.prompt)
-    n = len(prompts)
-    images = sample(
-        model,
-        prompts,
-        e_arc.expand(n, -1),
-        e_clip.expand(n, *e_clip.shape[1:]),
-        res,
-        SamplingConfig(steps=args.steps, guidance_scale=args.guidance, seed=args.seed),
-    )
-    out = Path(args.out)
+    ref, lms = _load_reference(reference, res, landmarks, float(manifest.get("crop_scale", 1.0)))
+    e_arc, e_clip = generator.identity_embeds(ref.to(generator.device), lms.to(generator.device))
+    n = len(prompt)
+    with tqdm(total=steps, unit="step", desc="sampling") as bar:
+        images = sample(
+            generator,
+            list(prompt),
+            e_arc.expand(n, -1),
+            e_clip.expand(n, *e_clip.shape[1:]),
+            res,
+            SamplingConfig(steps=steps, guidance_scale=guidance, seed=seed),
+            progress=bar.update,
+        )
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     for i, img in enumerate(images):
         arr = ((img.permute(1, 2, 0).cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        p = out / f"{i:03d}.png"
-        Image.fromarray(arr).save(p)
-        paths.append(p)
-    return paths
+        path = out / f"{i:03d}.png"
+        Image.fromarray(arr).save(path)
+        print(path)
+    return 0

@@ -2,14 +2,22 @@
 
     idforge train fit --config configs/train/tiny.yaml [--trainer.max_steps 100 ...]
 
-Every YAML under ``configs/train/`` maps 1:1 to the two classes' constructor arguments.
+Every YAML under ``configs/train/`` maps 1:1 to the two classes' constructor arguments. The parser
+raises :class:`~idforge.launch.errors.UsageError` instead of exiting, so a bad key or value is
+reported like every other command's (one line naming the key and the file, exit code 2).
 """
 
 from __future__ import annotations
 
 from idforge.train.data import ShardDataModule
 from idforge.train.module import IdentityDiffusionModule
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .errors import RaisingParserMixin
+
+
+class TrainParser(RaisingParserMixin, LightningArgumentParser):
+    """LightningCLI's parser, reporting errors through the ``idforge`` command's one-line format."""
 
 
 def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
@@ -18,6 +26,7 @@ def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
         ShardDataModule,
         args=args,
         run=run,
+        parser_class=TrainParser,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "idforge train"},
     )
@@ -37,6 +46,7 @@ def parse_train_config(args: list[str]):
         ShardDataModule,
         args=args,
         run=False,
+        parser_class=TrainParser,
         parser_kwargs={"prog": "idforge train"},
     )
     return cli.config

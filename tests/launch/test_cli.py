@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from idforge.launch.cli import build_parser, main
+import torch
+from idforge.launch.cli import main, top_help
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,9 +20,9 @@ def demo_out(tmp_path_factory):
 
 
 def test_help_lists_the_subcommands():
-    text = build_parser().format_help()
-    for cmd in ("demo", "curate", "cache", "train", "export", "generate", "eval"):
-        assert cmd in text
+    text = top_help()
+    for cmd in ("demo", "curate", "cache", "train", "export", "generate", "eval", "convert-onnx"):
+        assert f"  {cmd} " in text
 
 
 def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
@@ -175,18 +176,38 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
     assert (fig["sampling_steps"], fig["guidance_scale"]) == (2, 3.0)
 
 
-def test_generate_reports_a_missing_reference(demo_out, tmp_path):
-    with pytest.raises(FileNotFoundError, match="reference image"):
-        main(
-            [
-                "generate",
-                "--model",
-                str(demo_out / "export"),
-                "--reference",
-                str(tmp_path / "nope.png"),
-                "--prompt",
-                "x",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+def test_generate_reports_a_missing_reference_in_one_line(demo_out, tmp_path, capsys):
+    missing = tmp_path / "nope.png"
+    args = ["generate", "--model", str(demo_out / "export"), "--reference", str(missing)]
+    code = main([*args, "--prompt", "x", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == [
+        f"idforge generate: error: reference image {missing} not found (--debug shows the traceback)"
+    ]
+
+
+def test_eval_progress_total_matches_the_steps_sampled(demo_out):
+    from idforge.data_pipeline.align import template_for
+    from idforge.eval.benchmark import benchmark_steps, identity_benchmark
+    from idforge.inference.export import load_exported
+    from idforge.inference.sampling import SamplingConfig
+    from idforge.launch.demo_data import load_groups
+
+    model, manifest = load_exported(demo_out / "export")
+    res = int(manifest["resolution"])
+    groups = load_groups(sorted(str(p) for p in (demo_out / "shards").glob("heldout-*.tar")), res)[:3]
+    sampling = SamplingConfig(steps=2)
+    calls = []
+    lms = torch.as_tensor(template_for(res, float(manifest["crop_scale"])), dtype=torch.float32)
+    identity_benchmark(
+        model,
+        groups,
+        model.face_encoder,
+        sampling,
+        generated_landmarks=lms,
+        batch_size=2,
+        progress=calls.append,
+    )
+    # 2 batches of identities x (adapter, text-only) x 2 steps
+    assert sum(calls) == benchmark_steps(len(groups), sampling, batch_size=2) == 8
