@@ -117,7 +117,7 @@ def load_image_encoder(spec: ZooSpec):
 
 
 def load_face_encoder(spec: ZooSpec):
-    from .face_encoder import FaceEncoder
+    from .face.face_encoder import FaceEncoder
 
     return FaceEncoder.from_pretrained(str(Path(spec.face_encoder).expanduser()))
 
@@ -264,8 +264,8 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     """Write every component with random weights under ``folder`` and return the spec that loads them."""
     from diffusers import DDPMScheduler
 
-    from .face_encoder import FaceEncoder
-    from .iresnet import IResNet, IResNetConfig
+    from .face.face_encoder import FaceEncoder
+    from .face.iresnet import IResNet, IResNetConfig
 
     cfg = config or TinyConfig()
     folder = Path(folder)

@@ -15,8 +15,8 @@ def synthid_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_face_encoder(tmp_path_factory):
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.face.face_encoder import FaceEncoder
+    from idforge.models.face.iresnet import IResNet, IResNetConfig
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("face")

@@ -17,8 +17,8 @@ CROPS = RNG.integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
 @pytest.fixture(scope="module")
 def onnx_recognizer(tmp_path_factory):
     """A tiny IResNet saved both as an idforge folder and as an insightface-style recognition ONNX."""
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.face.face_encoder import FaceEncoder
+    from idforge.models.face.iresnet import IResNet, IResNetConfig
 
     torch.manual_seed(1)
     net = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8))).eval()

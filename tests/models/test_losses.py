@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler
 from idforge.models.adapter import DiffIDAdapter
-from idforge.models.align_torch import warp_to_template
 from idforge.models.codec import VaeCodec
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
+from idforge.models.face.align_torch import warp_to_template
+from idforge.models.face.face_encoder import FaceEncoder
+from idforge.models.face.iresnet import IResNet, IResNetConfig
 from idforge.models.losses import (
     IdentityLoss,
     IdentityLossConfig,

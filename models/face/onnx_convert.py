@@ -16,7 +16,7 @@ bias *and* a BN gets the bias folded into the BN's mean. ``Identity`` nodes (ali
 dropout) and ``Constant`` nodes are resolved. A ``features`` BN folded into the fc becomes an
 identity BN.
 
-What has been verified (tests/models/test_onnx_convert.py): graphs produced here by
+What has been verified (tests/models/face/test_onnx_convert.py): graphs produced here by
 ``torch.onnx.export(..., dynamo=False)`` from this IResNet (the TorchScript exporter; the dynamo
 exporter needs ``onnxscript``, not installed): BN folded into convs, PRelu slopes (C, 1, 1),
 ``Flatten`` + ``Gemm`` head, dynamic batch axis; the converted torch model matches onnxruntime to
@@ -316,7 +316,7 @@ def convert(onnx_path: str | Path, out_folder: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    """``python -m idforge.models.onnx_convert w600k_r50.onnx out/face_encoder``."""
+    """``python -m idforge.models.face.onnx_convert w600k_r50.onnx out/face_encoder``."""
     parser = argparse.ArgumentParser(
         description="Convert an insightface recognition ONNX into a FaceEncoder folder"
     )

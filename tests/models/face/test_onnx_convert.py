@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
-from idforge.models.onnx_convert import convert, onnx_to_iresnet
+from idforge.models.face.face_encoder import FaceEncoder
+from idforge.models.face.iresnet import IResNet, IResNetConfig
+from idforge.models.face.onnx_convert import convert, onnx_to_iresnet
 
 
 def _export(model: torch.nn.Module, path, dynamic: bool = True):
@@ -114,7 +114,7 @@ def test_non_iresnet_onnx_is_refused(tmp_path):
 
 
 def test_insightface_loader_embeds_a_batch_like_the_torch_encoder(tmp_path):
-    from idforge.models.insightface_encoder import InsightFaceRecognizer
+    from idforge.models.face.insightface_encoder import InsightFaceRecognizer
 
     torch.manual_seed(0)
     model = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16)))
@@ -129,7 +129,7 @@ def test_insightface_loader_embeds_a_batch_like_the_torch_encoder(tmp_path):
 
 
 def test_missing_insightface_pack_says_where_it_looked(tmp_path):
-    from idforge.models.insightface_encoder import find_recognizer
+    from idforge.models.face.insightface_encoder import find_recognizer
 
     with pytest.raises(FileNotFoundError, match="never downloads"):
         find_recognizer("antelopev2", root=tmp_path)
