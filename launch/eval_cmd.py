@@ -8,11 +8,10 @@ from pathlib import Path
 import torch
 from idforge.data_pipeline.align import template_for
 from idforge.eval.benchmark import identity_benchmark
+from idforge.eval.groups import load_groups
 from idforge.inference.export import load_exported
 from idforge.inference.sampling import SamplingConfig
 from idforge.train.data import expand_urls
-
-from .demo_data import load_groups
 
 
 def run_eval(args) -> dict:

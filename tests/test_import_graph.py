@@ -137,3 +137,20 @@ def test_every_folder_with_modules_is_an_installed_package():
                     f"{sub}: a subpackage missing from pyproject.toml's [tool.setuptools] packages; add "
                     f"'{pkg}.{sub.name}' there or a wheel will not ship it"
                 )
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_no_library_module_or_real_command_reaches_the_demo():
+    """The demo is one client of the library; ``idforge eval`` and the rest never run its code."""
+    graph = import_graph(_modules())
+    demo = {"idforge.launch.demo", "idforge.launch.demo_data"}
+    for mod in sorted(set(graph) - demo - {"idforge.launch.cli"}):
+        assert not _reachable(graph, mod) & demo, f"{mod} imports the demo's {_reachable(graph, mod) & demo}"
