@@ -154,3 +154,13 @@ def test_no_library_module_or_real_command_reaches_the_demo():
     demo = {"idforge.launch.demo", "idforge.launch.demo_data"}
     for mod in sorted(set(graph) - demo - {"idforge.launch.cli"}):
         assert not _reachable(graph, mod) & demo, f"{mod} imports the demo's {_reachable(graph, mod) & demo}"
+
+
+def test_the_face_subpackage_stands_alone():
+    """``idforge.models.face`` needs nothing else of idforge: curation and face-encoder training use it
+    without pulling in the generator."""
+    graph = import_graph(_modules())
+    face = "idforge.models.face"
+    for mod in sorted(m for m in graph if m == face or m.startswith(face + ".")):
+        outside = {t for t in _reachable(graph, mod) if not t.startswith(face)}
+        assert not outside, f"{mod} imports {outside}, outside {face}"
