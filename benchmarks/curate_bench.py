@@ -61,8 +61,8 @@ def cpu_stages(args) -> dict:
     from idforge.data_pipeline.decode import decode_image
     from idforge.data_pipeline.detect import make_detector
     from idforge.data_pipeline.filters import FilterConfig, check_face
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.face.face_encoder import FaceEncoder
+    from idforge.models.face.iresnet import IResNet, IResNetConfig
 
     samples, blobs = synthid_inputs(args.n, args.resolution)
     metas = [
@@ -134,8 +134,8 @@ class RandomSCRFD(nn.Module):
 
 def full_model_stages(args) -> dict:
     from idforge.data_pipeline.detect import decode_scrfd
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.face.face_encoder import FaceEncoder
+    from idforge.models.face.iresnet import IResNet, IResNetConfig
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     dev, dtype = args.device, getattr(torch, args.dtype)

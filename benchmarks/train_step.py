@@ -21,8 +21,8 @@ def build(device, dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from idforge.models.adapter import DiffIDAdapter
     from idforge.models.codec import VaeCodec
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.face.face_encoder import FaceEncoder
+    from idforge.models.face.iresnet import IResNet, IResNetConfig
 
     unet = UNet2DConditionModel(
         sample_size=64,

@@ -3,9 +3,9 @@
 ``make_embedder(spec)`` accepts
 
 - an idforge face-encoder folder (``FaceEncoder.save_pretrained``) or an arcface_torch
-  ``backbone.pth``: the project's torch IResNet (:class:`idforge.models.face_encoder.FaceEncoder`);
+  ``backbone.pth``: the project's torch IResNet (:class:`idforge.models.face.face_encoder.FaceEncoder`);
 - an insightface recognition ``.onnx`` (or a pack name such as ``antelopev2``): batched onnxruntime
-  (:class:`idforge.models.insightface_encoder.InsightFaceRecognizer`); ``backend="torch"`` converts
+  (:class:`idforge.models.face.insightface_encoder.InsightFaceRecognizer`); ``backend="torch"`` converts
   the ONNX to the torch IResNet instead (e.g. to run it on a GPU without onnxruntime-gpu);
 - ``"none"`` / None: no embedder (identity grouping then needs provided identities).
 
@@ -70,14 +70,14 @@ def make_embedder(
     path = Path(str(spec)).expanduser()
     is_torch = path.is_dir() or path.suffix in (".pth", ".pt", ".safetensors")
     if backend == "onnx" or (backend == "auto" and not is_torch):
-        from idforge.models.insightface_encoder import InsightFaceRecognizer
+        from idforge.models.face.insightface_encoder import InsightFaceRecognizer
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         log.info("embedder: insightface ONNX %s", spec)
         return Embedder(
             InsightFaceRecognizer(str(spec), root=root, providers=providers), batch_size, name=str(spec)
         )
-    from idforge.models.face_encoder import FaceEncoder
+    from idforge.models.face.face_encoder import FaceEncoder
 
     log.info("embedder: torch FaceEncoder %s on %s", spec, device)
     return Embedder(FaceEncoder.from_pretrained(path), batch_size, device, name=str(spec))

@@ -1,1 +1,2 @@
-"""idforge.eval: identity similarity (FS) and the benchmark tables."""
+"""idforge.eval: identity similarity (FS, ``identity``), held-out identity groups read from shards
+(``groups``), and the benchmark tables (``benchmark``)."""

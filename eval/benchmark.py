@@ -15,23 +15,13 @@ ArcFace embedding (FlowID's InjuredFaces protocol) and:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from idforge.inference.sampling import SamplingConfig, sample
 from idforge.models.generator import IdentityGenerator
 
+from .groups import IdentityGroup
 from .identity import cosine, embed_faces
-
-
-@dataclass
-class IdentityGroup:
-    """Photos of one person at the generator's resolution: images (K, 3, H, W) in [-1, 1]."""
-
-    identity: str
-    images: torch.Tensor
-    landmarks: torch.Tensor  # (K, 5, 2) pixel coordinates
-    captions: list[str]
 
 
 def benchmark_steps(num_groups: int, sampling: SamplingConfig | None = None, batch_size: int = 32) -> int:

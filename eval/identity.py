@@ -8,7 +8,7 @@ with their 5-point landmarks before embedding.
 from __future__ import annotations
 
 import torch
-from idforge.models.align_torch import warp_to_template
+from idforge.models.face.align_torch import warp_to_template
 
 
 @torch.no_grad()

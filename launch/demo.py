@@ -117,8 +117,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_exported
     from idforge.inference.sampling import SamplingConfig
+    from idforge.models.face.iresnet import IResNetConfig
     from idforge.models.generator import GeneratorConfig
-    from idforge.models.iresnet import IResNetConfig
     from idforge.models.losses import IdentityLossConfig
     from idforge.models.zoo import TinyConfig, build_tiny
     from idforge.train.face_encoder import fit_face_encoder, verification_scores

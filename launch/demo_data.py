@@ -1,15 +1,13 @@
-"""Data plumbing of the demo: curate SynthID into shards, stream the train split, load held-out groups."""
+"""Data plumbing of the demo: curate SynthID into shards, stream the train split, load its held-out split."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
-import torch
 from idforge.data_pipeline.curate import CurateConfig, run_curation
 from idforge.data_pipeline.filters import FilterConfig
 from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
-from idforge.eval.benchmark import IdentityGroup
+from idforge.eval.groups import IdentityGroup, load_groups
 from torch.utils.data import DataLoader
 
 
@@ -41,22 +39,3 @@ def shard_loader(shards_dir: Path, resolution: int, batch_size: int, seed: int) 
 def heldout_groups(shards_dir: Path, resolution: int) -> list[IdentityGroup]:
     urls = sorted(str(p) for p in Path(shards_dir).glob("heldout-*.tar"))
     return load_groups(urls, resolution)
-
-
-def load_groups(urls: list[str], resolution: int, max_identities: int | None = None) -> list[IdentityGroup]:
-    """Identity groups (>= 2 photos each) from shards, in shard order."""
-    ds = make_identity_dataset(urls, mode="single", resolution=resolution, shuffle_buffer=0, repeat=False)
-    photos: dict[str, list[dict]] = defaultdict(list)
-    for item in ds:
-        photos[item["identity"]].append(item)
-    groups = [
-        IdentityGroup(
-            identity=k,
-            images=torch.stack([p["image"] for p in v]),
-            landmarks=torch.stack([p["landmarks"] for p in v]),
-            captions=[p["caption"] for p in v],
-        )
-        for k, v in photos.items()
-        if len(v) >= 2
-    ]
-    return groups[:max_identities] if max_identities else groups

@@ -8,13 +8,12 @@ from pathlib import Path
 import torch
 from idforge.data_pipeline.align import template_for
 from idforge.eval.benchmark import benchmark_steps, identity_benchmark
+from idforge.eval.groups import load_groups
 from idforge.inference.export import load_exported
 from idforge.inference.sampling import SamplingConfig
 from idforge.train.data import expand_urls
 
 from idforge.paths import expand_path
-
-from .demo_data import load_groups
 
 
 def evaluate(

@@ -22,7 +22,7 @@ from torch import nn
 
 from . import zoo as zoo_lib
 from .adapter import DiffIDAdapter, IdentityConditioning
-from .align_torch import warp_to_template
+from .face.align_torch import warp_to_template
 
 log = logging.getLogger(__name__)
 

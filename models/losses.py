@@ -11,7 +11,7 @@ Diff-ID (paper 004) sec. 3.3, eq. (2)-(3), appendix A.1.4, eq. (16)-(21):
 
 x0_hat is also formed for v-prediction (x0 = sqrt(abar) z_t - sqrt(1 - abar) v, Salimans & Ho
 2022) and for x0 ("sample") prediction. The face in the decoded x0_hat is aligned with the sample's
-stored 5 landmarks by a differentiable similarity warp (:mod:`idforge.models.align_torch`), so
+stored 5 landmarks by a differentiable similarity warp (:mod:`idforge.models.face.align_torch`), so
 gradients reach the UNet and the adapter through the frozen VAE decoder and the frozen ArcFace.
 
 Cost knobs (SPEC.md sec. 2), all off by default:
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .align_torch import warp_to_template
+from .face.align_torch import warp_to_template
 
 log = logging.getLogger(__name__)
 

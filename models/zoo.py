@@ -5,7 +5,10 @@ weights. :func:`build_tiny` writes the tiny twins in their own libraries' format
 folder with ``unet/ vae/ text_encoder/ tokenizer/ scheduler/`` and ``model_index.json``, an
 open_clip ``local-dir`` folder, an idforge face-encoder folder) and returns a :class:`ZooSpec`
 pointing at them. The ``load_*`` functions below then load tiny and real components alike, so
-tests exercise the loading code that real runs use, without a download.
+tests exercise the loading code that real runs use, without a download. The in-memory builders
+:func:`tiny_unet`, :func:`tiny_vae` and :func:`tiny_face_encoder` make the same random-weight
+components from a :class:`TinyConfig`; ``build_tiny`` writes what they return, and tests that need
+one component (not a whole zoo folder) build it through them.
 
 Real defaults (override any field with a local path for offline machines):
 
@@ -117,7 +120,7 @@ def load_image_encoder(spec: ZooSpec):
 
 
 def load_face_encoder(spec: ZooSpec):
-    from .face_encoder import FaceEncoder
+    from .face.face_encoder import FaceEncoder
 
     return FaceEncoder.from_pretrained(str(Path(spec.face_encoder).expanduser()))
 
@@ -139,6 +142,8 @@ class TinyConfig:
     text_layers: int = 2
     clip_width: int = 32
     clip_embed_dim: int = 32
+    vae_channels: tuple[int, ...] = (16, 32)
+    """AutoencoderKL block widths (two levels: 2x downsampling)."""
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
     face_layers: tuple[int, ...] = (1, 1, 1, 1)
     beta_schedule: str = "scaled_linear"
@@ -149,21 +154,40 @@ class TinyConfig:
     def __post_init__(self):
         if self.codec not in ("vae", PIXEL):
             raise ValueError(f"TinyConfig.codec must be 'vae' or 'pixel', got {self.codec!r}")
+        if len(self.vae_channels) != 2:
+            raise ValueError(
+                f"TinyConfig.vae_channels must have 2 levels (2x downsampling), got {self.vae_channels}"
+            )
         if self.resolution % (2 ** (len(self.unet_channels) - 1) * (2 if self.codec == "vae" else 1)):
             raise ValueError(f"resolution {self.resolution} is not divisible by the UNet/VAE downsampling")
 
 
-def _tiny_unet(cfg: TinyConfig, in_channels: int, sample_size: int):
+def _seed(seed: int | None) -> None:
+    if seed is not None:
+        torch.manual_seed(seed)
+
+
+def tiny_unet(config: TinyConfig | None = None, *, seed: int | None = None):
+    """A random-weight ``UNet2DConditionModel`` with ``config``'s widths, attention levels and sizes.
+
+    Latent input (4 channels, ``resolution / 2`` pixels) for the VAE codec, RGB (3 channels,
+    ``resolution`` pixels) for ``codec="pixel"``. ``seed`` seeds torch's global generator first;
+    ``None`` draws from it as it stands (:func:`build_tiny` seeds once for the whole zoo).
+    """
     from diffusers import UNet2DConditionModel
 
+    cfg = config or TinyConfig()
+    pixel = cfg.codec == PIXEL
+    in_channels = 3 if pixel else 4
     n = len(cfg.unet_channels)
     attn = tuple(cfg.unet_attention) if cfg.unet_attention is not None else (True,) * n
     if len(attn) != n:
         raise ValueError(f"unet_attention has {len(attn)} entries for {n} UNet levels")
     down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    _seed(seed)
     return UNet2DConditionModel(
-        sample_size=sample_size,
+        sample_size=cfg.resolution if pixel else cfg.resolution // 2,
         in_channels=in_channels,
         out_channels=in_channels,
         block_out_channels=tuple(cfg.unet_channels),
@@ -176,19 +200,33 @@ def _tiny_unet(cfg: TinyConfig, in_channels: int, sample_size: int):
     )
 
 
-def _tiny_vae():
+def tiny_vae(config: TinyConfig | None = None, *, seed: int | None = None):
+    """A random-weight two-level ``AutoencoderKL`` (RGB <-> 4 latent channels, 2x downsampling)."""
     from diffusers import AutoencoderKL
 
+    cfg = config or TinyConfig()
+    _seed(seed)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(16, 32),
+        block_out_channels=tuple(cfg.vae_channels),
         latent_channels=4,
         norm_num_groups=8,
         layers_per_block=1,
     )
+
+
+def tiny_face_encoder(config: TinyConfig | None = None, *, seed: int | None = None):
+    """A random-weight :class:`~idforge.models.face.face_encoder.FaceEncoder` (IResNet with
+    ``face_layers`` / ``face_widths``; 112 x 112 input, 512-d output), not frozen."""
+    from .face.face_encoder import FaceEncoder
+    from .face.iresnet import IResNet, IResNetConfig
+
+    cfg = config or TinyConfig()
+    _seed(seed)
+    return FaceEncoder(IResNet(IResNetConfig(layers=tuple(cfg.face_layers), widths=tuple(cfg.face_widths))))
 
 
 def _write_tokenizer_and_text_encoder(cfg: TinyConfig, folder: Path) -> None:
@@ -264,19 +302,13 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     """Write every component with random weights under ``folder`` and return the spec that loads them."""
     from diffusers import DDPMScheduler
 
-    from .face_encoder import FaceEncoder
-    from .iresnet import IResNet, IResNetConfig
-
     cfg = config or TinyConfig()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     pixel = cfg.codec == PIXEL
-    in_ch = 3 if pixel else 4
-    sample = cfg.resolution if pixel else cfg.resolution // 2
-    _tiny_unet(cfg, in_ch, sample).save_pretrained(folder / "unet")
+    tiny_unet(cfg, seed=cfg.seed).save_pretrained(folder / "unet")  # later components continue the stream
     if not pixel:
-        _tiny_vae().save_pretrained(folder / "vae")
+        tiny_vae(cfg).save_pretrained(folder / "vae")
     _write_tokenizer_and_text_encoder(cfg, folder)
     DDPMScheduler(
         num_train_timesteps=1000,
@@ -287,8 +319,7 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
         clip_sample=False,
     ).save_pretrained(folder / "scheduler")
     _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
-    face = IResNet(IResNetConfig(layers=tuple(cfg.face_layers), widths=tuple(cfg.face_widths)))
-    FaceEncoder(face).save_pretrained(folder / "face_encoder")
+    tiny_face_encoder(cfg).save_pretrained(folder / "face_encoder")
     if not pixel:
         import diffusers
 

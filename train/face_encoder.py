@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from idforge.models.arcface_head import ArcFaceHead
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
+from idforge.models.face.arcface_head import ArcFaceHead
+from idforge.models.face.face_encoder import FaceEncoder
+from idforge.models.face.iresnet import IResNet, IResNetConfig
 from torch.utils.data import DataLoader, Dataset
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from idforge.data_pipeline.synthid import SynthIDConfig, write_synthid_folder
 
 
@@ -15,10 +14,8 @@ def synthid_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_face_encoder(tmp_path_factory):
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.zoo import TinyConfig, tiny_face_encoder
 
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("face")
-    FaceEncoder(IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8)))).save_pretrained(folder)
+    tiny_face_encoder(TinyConfig(face_widths=(4, 8, 8, 8)), seed=0).save_pretrained(folder)
     return str(folder)

@@ -117,7 +117,7 @@ def synthid_embeddings():
     import torch
     from idforge.data_pipeline.align import align_face
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
-    from idforge.models.iresnet import IResNetConfig
+    from idforge.models.face.iresnet import IResNetConfig
     from idforge.train.face_encoder import fit_face_encoder
 
     torch.manual_seed(0)

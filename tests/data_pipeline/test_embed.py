@@ -17,13 +17,12 @@ CROPS = RNG.integers(0, 255, (5, 112, 112, 3), dtype=np.uint8)
 @pytest.fixture(scope="module")
 def onnx_recognizer(tmp_path_factory):
     """A tiny IResNet saved both as an idforge folder and as an insightface-style recognition ONNX."""
-    from idforge.models.face_encoder import FaceEncoder
-    from idforge.models.iresnet import IResNet, IResNetConfig
+    from idforge.models.zoo import TinyConfig, tiny_face_encoder
 
-    torch.manual_seed(1)
-    net = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8))).eval()
+    enc = tiny_face_encoder(TinyConfig(face_widths=(4, 8, 8, 8)), seed=1)
+    net = enc.backbone.eval()
     folder = tmp_path_factory.mktemp("rec")
-    FaceEncoder(net).save_pretrained(folder / "torch")
+    enc.save_pretrained(folder / "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(

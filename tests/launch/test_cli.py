@@ -190,9 +190,9 @@ def test_generate_reports_a_missing_reference_in_one_line(demo_out, tmp_path, ca
 def test_eval_progress_total_matches_the_steps_sampled(demo_out):
     from idforge.data_pipeline.align import template_for
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
+    from idforge.eval.groups import load_groups
     from idforge.inference.export import load_exported
     from idforge.inference.sampling import SamplingConfig
-    from idforge.launch.demo_data import load_groups
 
     model, manifest = load_exported(demo_out / "export")
     res = int(manifest["resolution"])

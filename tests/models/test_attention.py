@@ -19,13 +19,21 @@ from idforge.models.attention import (
     processor_key,
     save_identity_processors,
 )
+from idforge.models.zoo import TinyConfig, tiny_unet
 from safetensors.torch import save_file
 
-from tests.models._tiny import tiny_unet
+# 8 x 8 latents, 16-d cross-attention at the full-resolution level only
+UNET = TinyConfig(
+    resolution=16,
+    unet_channels=(16, 32),
+    unet_attention=(True, False),
+    cross_attention_dim=16,
+    attention_head_dim=8,
+)
 
 
 def _unet():
-    unet = tiny_unet(cross_attention_first=True)
+    unet = tiny_unet(UNET, seed=0)
     unet.set_attn_processor(AttnProcessor2_0())
     return unet
 

@@ -7,12 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import DDPMScheduler
 from idforge.models.adapter import DiffIDAdapter
-from idforge.models.align_torch import warp_to_template
 from idforge.models.codec import VaeCodec
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
+from idforge.models.face.align_torch import warp_to_template
 from idforge.models.losses import (
     IdentityLoss,
     IdentityLossConfig,
@@ -20,18 +18,27 @@ from idforge.models.losses import (
     predict_x0,
     timestep_weight,
 )
+from idforge.models.zoo import TinyConfig, tiny_face_encoder, tiny_unet, tiny_vae
 
 SCHED = DDPMScheduler(
     num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
 )
 LMS = torch.tensor([[24.0, 28.0], [40.0, 28.0], [32.0, 38.0], [25.0, 47.0], [39.0, 47.0]])  # a face in 64 px
-
-from tests.models._tiny import tiny_unet
+# 8 x 8 latents of 16 x 16 images, 16-d cross-attention at the second UNet level only, a narrow
+# VAE and a narrow ArcFace
+TINY = TinyConfig(
+    resolution=16,
+    unet_channels=(16, 32),
+    unet_attention=(False, True),
+    cross_attention_dim=16,
+    attention_head_dim=8,
+    vae_channels=(8, 16),
+    face_widths=(4, 8, 8, 8),
+)
 
 
 def _face_encoder():
-    torch.manual_seed(0)
-    return FaceEncoder(IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 8)))).freeze()
+    return tiny_face_encoder(TINY, seed=0).freeze()
 
 
 def _pixels(n, size=64, seed=0):
@@ -189,14 +196,8 @@ def test_a_face_window_shifts_landmarks_and_sees_the_same_aligned_face(scale):
 
 
 def _tiny_models():
-    unet = tiny_unet(cross_attention_first=False)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
+    unet = tiny_unet(TINY, seed=0)
+    vae = tiny_vae(TINY)  # continues the seeded stream
     adapter = DiffIDAdapter(arcface_dim=512, clip_dim=8, text_dim=16, cross_attention_dim=16)
     return unet, VaeCodec(vae, sample_posterior=False), _face_encoder(), adapter
 

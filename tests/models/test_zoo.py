@@ -98,3 +98,33 @@ def test_bad_specs_say_what_to_do(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="local-dir"):
         ClipImageEncoder.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_build_tiny_writes_what_the_in_memory_builders_make(tiny_zoo):
+    spec = zoo.ZooSpec(**json.loads((tiny_zoo / "zoo_spec.json").read_text()))
+    written = zoo.load_unet(spec).state_dict()
+    built = zoo.tiny_unet(zoo.TinyConfig(), seed=zoo.TinyConfig().seed).state_dict()
+    assert written.keys() == built.keys()
+    assert all(torch.equal(written[k], built[k]) for k in written)
+
+
+def test_tiny_builders_follow_the_config_and_the_seed():
+    cfg = zoo.TinyConfig(
+        resolution=16, unet_channels=(16, 32), unet_attention=(True, False), vae_channels=(8, 16)
+    )
+    unet = zoo.tiny_unet(cfg, seed=0)
+    assert (unet.config.sample_size, unet.config.in_channels) == (8, 4)  # latents of 16 px images
+    assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    pixel = zoo.tiny_unet(zoo.TinyConfig(resolution=16, codec="pixel", unet_channels=(16, 32)))
+    assert (pixel.config.sample_size, pixel.config.in_channels) == (16, 3)
+    assert tuple(zoo.tiny_vae(cfg).config.block_out_channels) == (8, 16)
+
+    face = zoo.tiny_face_encoder(zoo.TinyConfig(face_widths=(4, 8, 8, 8)), seed=0)
+    assert face.backbone.config.widths == (4, 8, 8, 8) and face.embedding_size == 512
+    again = zoo.tiny_face_encoder(zoo.TinyConfig(face_widths=(4, 8, 8, 8)), seed=0)
+    other = zoo.tiny_face_encoder(zoo.TinyConfig(face_widths=(4, 8, 8, 8)), seed=1)
+    w = "backbone.conv1.weight"
+    assert torch.equal(face.state_dict()[w], again.state_dict()[w])
+    assert not torch.equal(face.state_dict()[w], other.state_dict()[w])
+    with pytest.raises(ValueError, match="vae_channels"):
+        zoo.TinyConfig(vae_channels=(8, 16, 32))

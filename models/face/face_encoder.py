@@ -3,7 +3,7 @@
 ``forward`` maps aligned 112 x 112 crops in [-1, 1] to L2-normalised 512-d embeddings and stays
 differentiable with respect to its input (the identity loss of Diff-ID sec. 3.3 back-propagates
 through it while its weights stay frozen). :meth:`FaceEncoder.from_pretrained` loads, all through
-the same :class:`~idforge.models.iresnet.IResNet` code path:
+the same :class:`~idforge.models.face.iresnet.IResNet` code path:
 
 - an idforge folder (``config.json`` + ``model.safetensors``, written by :meth:`save_pretrained`;
   the safetensors keys are exactly arcface_torch's ``backbone.pth`` keys);
@@ -11,7 +11,7 @@ the same :class:`~idforge.models.iresnet.IResNet` code path:
   ``torch.load(weights_only=True)``, or a bare ``.safetensors`` state dict; stages and widths are
   inferred from the tensor shapes unless ``arch="r50"`` etc. is given;
 - an insightface recognition ``.onnx`` file (buffalo_l ``w600k_r50.onnx``, antelopev2
-  ``glintr100.onnx``), converted to torch by :mod:`idforge.models.onnx_convert`;
+  ``glintr100.onnx``), converted to torch by :mod:`idforge.models.face.onnx_convert`;
 - a folder holding one of the two previous kinds (e.g. an insightface model-pack folder).
 """
 
@@ -55,7 +55,7 @@ class FaceEncoder(nn.Module):
         if aligned.dim() != 4 or aligned.shape[1:] != (3, s, s):
             raise ValueError(
                 f"FaceEncoder expects aligned (B, 3, {s}, {s}) crops in [-1, 1], got "
-                f"{tuple(aligned.shape)}; align with idforge.models.align_torch.warp_to_template"
+                f"{tuple(aligned.shape)}; align with idforge.models.face.align_torch.warp_to_template"
             )
         weight = self.backbone.conv1.weight
         return F.normalize(self.backbone(aligned.to(weight.device, weight.dtype)).float(), dim=-1)

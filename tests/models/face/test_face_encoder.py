@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
+from idforge.models.face.face_encoder import FaceEncoder
+from idforge.models.face.iresnet import IResNet, IResNetConfig
 
 TINY = IResNetConfig(layers=(1, 2, 1, 1), widths=(4, 8, 8, 16))
 

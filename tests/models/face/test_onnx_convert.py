@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from idforge.models.face_encoder import FaceEncoder
-from idforge.models.iresnet import IResNet, IResNetConfig
-from idforge.models.onnx_convert import convert, onnx_to_iresnet
+from idforge.models.face.face_encoder import FaceEncoder
+from idforge.models.face.iresnet import IResNet, IResNetConfig
+from idforge.models.face.onnx_convert import onnx_to_iresnet
 
 
 def _export(model: torch.nn.Module, path, dynamic: bool = True):
@@ -82,19 +82,6 @@ def test_onnx_to_torch_matches_onnxruntime(cfg, tmp_path, record_property):
     assert err < 1e-4
 
 
-def test_converted_folder_loads_as_face_encoder(tmp_path):
-    torch.manual_seed(0)
-    model = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16)))
-    _randomize_bn(model, 2)
-    _export(model, tmp_path / "rec.onnx")
-    convert(tmp_path / "rec.onnx", tmp_path / "enc")
-    a = FaceEncoder.from_pretrained(tmp_path / "enc")
-    b = FaceEncoder.from_pretrained(tmp_path / "rec.onnx")
-    x = torch.rand(2, 3, 112, 112) * 2 - 1
-    assert torch.allclose(a(x), b(x), atol=1e-6)
-    assert torch.allclose(a(x), FaceEncoder(model.eval())(x), atol=1e-4)
-
-
 def test_arcface_torch_backbone_pth_loads_with_inferred_architecture(tmp_path):
     torch.manual_seed(0)
     model = IResNet(IResNetConfig(layers=(1, 2, 1, 1), widths=(4, 8, 8, 16))).eval()
@@ -114,7 +101,7 @@ def test_non_iresnet_onnx_is_refused(tmp_path):
 
 
 def test_insightface_loader_embeds_a_batch_like_the_torch_encoder(tmp_path):
-    from idforge.models.insightface_encoder import InsightFaceRecognizer
+    from idforge.models.face.insightface_encoder import InsightFaceRecognizer
 
     torch.manual_seed(0)
     model = IResNet(IResNetConfig(layers=(1, 1, 1, 1), widths=(4, 8, 8, 16)))
@@ -129,7 +116,7 @@ def test_insightface_loader_embeds_a_batch_like_the_torch_encoder(tmp_path):
 
 
 def test_missing_insightface_pack_says_where_it_looked(tmp_path):
-    from idforge.models.insightface_encoder import find_recognizer
+    from idforge.models.face.insightface_encoder import find_recognizer
 
     with pytest.raises(FileNotFoundError, match="never downloads"):
         find_recognizer("antelopev2", root=tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from idforge.data_pipeline.align import ARCFACE_TEMPLATE, align_face, estimate_similarity, transform_points
-from idforge.models.align_torch import (
+from idforge.models.face.align_torch import (
     ARCFACE_TEMPLATE_112,
     estimate_similarity_torch,
     template_matrix,

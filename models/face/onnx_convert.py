@@ -16,7 +16,7 @@ bias *and* a BN gets the bias folded into the BN's mean. ``Identity`` nodes (ali
 dropout) and ``Constant`` nodes are resolved. A ``features`` BN folded into the fc becomes an
 identity BN.
 
-What has been verified (tests/models/test_onnx_convert.py): graphs produced here by
+What has been verified (tests/models/face/test_onnx_convert.py): graphs produced here by
 ``torch.onnx.export(..., dynamo=False)`` from this IResNet (the TorchScript exporter; the dynamo
 exporter needs ``onnxscript``, not installed): BN folded into convs, PRelu slopes (C, 1, 1),
 ``Flatten`` + ``Gemm`` head, dynamic batch axis; the converted torch model matches onnxruntime to
@@ -35,7 +35,6 @@ logged.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -305,29 +304,3 @@ def onnx_to_iresnet(path: str | Path) -> tuple[IResNet, dict]:
     }
     log.info("converted %s: %s", path, report["arch"])
     return model, report
-
-
-def convert(onnx_path: str | Path, out_folder: str | Path) -> Path:
-    """Convert an ONNX recogniser into an idforge face-encoder folder (config.json + safetensors)."""
-    from .face_encoder import FaceEncoder
-
-    model, _ = onnx_to_iresnet(onnx_path)
-    return FaceEncoder(model).save_pretrained(out_folder)
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """``python -m idforge.models.onnx_convert w600k_r50.onnx out/face_encoder``."""
-    parser = argparse.ArgumentParser(
-        description="Convert an insightface recognition ONNX into a FaceEncoder folder"
-    )
-    parser.add_argument("onnx_path")
-    parser.add_argument("out_folder")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    out = convert(args.onnx_path, args.out_folder)
-    log.info("wrote %s", out)
-    return out
-
-
-if __name__ == "__main__":
-    main()

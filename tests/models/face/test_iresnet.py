@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from idforge.models.iresnet import (
+from idforge.models.face.iresnet import (
     ARCHS,
     IResNet,
     IResNetConfig,
