@@ -187,11 +187,12 @@ def run_command(name: str, argv: list[str]) -> int:
     fn = _resolve(cmd.target)
     prog = f"idforge {name}"
     if name == "train":
-        fn(argv)
-        return 0
-    if cmd.config_class:
-        return int(_run_config(prog, _resolve(cmd.config_class), fn, argv) or 0)
-    return int(_run_function(prog, fn, argv) or 0)
+        result = fn(argv)
+    elif cmd.config_class:
+        result = _run_config(prog, _resolve(cmd.config_class), fn, argv)
+    else:
+        result = _run_function(prog, fn, argv)
+    return result if isinstance(result, int) else 0  # commands may return what they wrote
 
 
 # -- logging and the libraries' output ----------------------------------------------------------

@@ -9,13 +9,10 @@ re-reading the ONNX graph each time.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from idforge.models.face.face_encoder import FaceEncoder
 from idforge.models.face.onnx_convert import onnx_to_iresnet
-
-log = logging.getLogger(__name__)
 
 
 def convert_onnx(onnx: Path, out: Path) -> Path:
@@ -32,5 +29,5 @@ def convert_onnx(onnx: Path, out: Path) -> Path:
     """
     model, report = onnx_to_iresnet(Path(onnx).expanduser())
     folder = FaceEncoder(model).save_pretrained(Path(out).expanduser())
-    log.info("wrote %s (%s) from %s", folder, report["arch"], onnx)
+    print(f"converted {onnx} ({report['arch']}) -> {folder}")
     return folder

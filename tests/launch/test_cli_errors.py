@@ -26,10 +26,10 @@ def test_every_command_prints_its_config_and_reads_it_back(name, tmp_path, capsy
     printed = _print_config(capsys, [name, "--print_config"])
     assert isinstance(printed, dict) and printed, f"{name} printed no options"
     numeric = [k for k, v in printed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    key = (
-        numeric[0] if numeric else {"demo": "steps", "export": "resolution"}[name]
-    )  # numbers that default to null
-    printed[key] = (printed[key] or 0) + 3  # a changed value must come back through --config
+    # a changed value must come back through --config (commands without a numeric default: set one)
+    fixed = {"demo": ("steps", 7), "export": ("resolution", 64), "convert-onnx": ("out", "enc")}
+    key, value = fixed[name] if name in fixed else (numeric[0], None)
+    printed[key] = value if value is not None else printed[key] + 3
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(printed))
     again = _print_config(capsys, [name, "--config", str(path), "--print_config"])
