@@ -458,7 +458,12 @@ def _write(
         pattern = str(root / f".{split}-%06d.tar.tmp-{suffix}")
         n_groups = 0
         with wds.ShardWriter(
-            pattern, maxcount=cfg.groups_per_shard, maxsize=cfg.shard_max_bytes, post=post, mtime=SHARD_MTIME
+            pattern,
+            maxcount=cfg.groups_per_shard,
+            maxsize=cfg.shard_max_bytes,
+            post=post,
+            mtime=SHARD_MTIME,
+            verbose=0,
         ) as sink:
             for g in by_split[split]:
                 recs = [records.get(int(unit_a[i]), int(row_a[i])) for i in g]
