@@ -4,8 +4,8 @@ Builds synthetic committed unit folders (the layout the unit stage writes: ``NNN
 ``records.jsonl`` + ``records.idx.npy``, float16 ``emb.npy``, ``unit.json``, and the listing) with
 identities of ``--per-identity`` images, then runs the real
 :func:`idforge.data_pipeline.finalize.finalize_curation` in a fresh process per size and reports its
-peak RSS (``ru_maxrss`` of the child) and wall time. Crops are hard links to one 512 px JPEG, so
-the disk holds one image while the finalizer still reads one file per image. Usage::
+peak RSS (``ru_maxrss`` of the child) and wall time. Crops are hard links to one 512 px JPEG per unit,
+so the disk holds one image per unit while the finalizer still reads one file per image. Usage::
 
     python benchmarks/finalize_bench.py --sizes 20000 80000 [--dir /tmp/finalize_bench] [--json out.json]
 """
@@ -61,8 +61,10 @@ def build(root: Path, n: int, per_identity: int, unit_size: int, cfg_kw: dict) -
         folder = units / f"unit-{u:06d}"
         folder.mkdir()
         lines = []
+        shutil.copyfile(jpeg, folder / "00000.jpg")  # one copy per unit (file systems cap links)
         for row, i in enumerate(range(start, min(start + unit_size, n))):
-            os.link(jpeg, folder / f"{row:05d}.jpg")
+            if row:
+                os.link(folder / "00000.jpg", folder / f"{row:05d}.jpg")
             rec = {
                 "source": keys[i],
                 "identity": f"p{i // per_identity:06d}",

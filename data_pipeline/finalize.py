@@ -9,7 +9,8 @@ few integers per image plus the float16 embeddings; then
    (stable when other identities come and go), moved from ``train`` to ``heldout``;
 4. occlusion test and captioning, only on the survivors (resumable: one ``post-<hash>.json`` per
    unit);
-5. crops streamed group by group into ``webdataset.ShardWriter`` (``<split>-NNNNNN.tar``, at most
+5. crops streamed group by group (with ``emb.npy`` when the embedder is ArcFace; dlib's
+   descriptors serve clustering and de-duplication only) into ``webdataset.ShardWriter`` (``<split>-NNNNNN.tar``, at most
    ``groups_per_shard`` groups or ``shard_max_bytes`` bytes each; fixed mtime, so equal inputs give
    byte-identical shards), each shard fsynced and renamed from a host+pid-unique temporary name;
    stale shards removed; manifest last.
@@ -221,6 +222,9 @@ def _finalize(cfg: CurateConfig, root: Path, n_items: int, n_units: int, key: st
 
     # 5. stream the shards
     order = _group_order(gid, keep, unit_a, row_a, group_names)
+    # only ArcFace embeddings go into the shards (the adapter's identity input); dlib's 128-d
+    # descriptors served clustering and de-duplication only
+    shard_emb = emb if kind == "arcface" else None
     shard_names, groups, identities, accepted = _write(
         cfg,
         root,
@@ -233,7 +237,7 @@ def _finalize(cfg: CurateConfig, root: Path, n_items: int, n_units: int, key: st
         row_a,
         group_names,
         heldout,
-        emb,
+        shard_emb,
         captions,
     )
     for stale in root.iterdir():
