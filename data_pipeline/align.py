@@ -56,6 +56,17 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return (pts @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
 
 
+def transform_box(box: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The axis-aligned (4,) box around all four corners of ``box`` (x0, y0, x1, y1) moved by ``matrix``.
+
+    Moving only two corners is wrong under rotation (a 45-degree turn maps them onto one vertical
+    line); the four corners' extent always contains the moved face.
+    """
+    x0, y0, x1, y1 = np.asarray(box, dtype=np.float64).reshape(4)
+    corners = transform_points(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), matrix)  # (4, 2)
+    return np.concatenate([corners.min(0), corners.max(0)]).astype(np.float32)
+
+
 def align_face(
     image, landmarks: np.ndarray, size: int = ARCFACE_SIZE, scale: float = 1.0, border: str = "reflect"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -1,57 +1,107 @@
 """The curation job: raw photos -> identity-grouped webdataset shards + ``manifest.json``.
 
 Stage 1, per work unit (parallel, resumable): decode -> detect (``detect_batch_size`` images at a
-time) -> filter -> align (the 112 ArcFace
-crop and the training crop) -> occlusion test (optional, CLIP zero-shot on the training crops) ->
-caption (the ``captioner`` backend) -> embed. The input listing is sorted and cut into contiguous units
-of ``unit_size`` files; worker ``rank`` of ``world_size`` takes units ``rank, rank + world, ...``.
-A unit's results are written to a temporary folder and renamed into ``_units/unit-NNNNNN``: a
-killed job leaves no partial unit, and a re-run skips committed units.
+time) -> filter -> align (the embedder's crop and the training crop) -> embed. The input listing is
+sorted, written once to ``_units/listing.json`` with a hash of the stage-1 config (a re-run with a
+different config stops with :class:`ConfigMismatchError` instead of mixing units) and cut into
+contiguous units of ``unit_size`` files; worker ``rank`` of ``world_size`` takes units ``rank,
+rank + world, ...``. A unit writes its crops (``NNNNN.jpg``), its metadata as columnar files
+(``records.jsonl`` + ``records.idx.npy`` line offsets, ``emb.npy``) and ``unit.json`` (reject reasons
+and errors; ``log.txt`` names every failed file) into a temporary folder unique per host and pid,
+fsyncs them and renames the folder into ``_units/unit-NNNNNN``: a killed job leaves no partial unit,
+a re-run skips committed units. Any exception while handling one file rejects that file
+(``read_error`` for an OSError, ``error:<ExceptionType>`` otherwise) and the unit goes on.
 
-Stage 2, finalize (idempotent, once all units are committed): identity clustering (optional:
-``labelled`` cleans each person's images, ``unlabelled`` assigns identities; a report is written
-beside the shards), near-duplicate removal within each identity, grouping by identity (provided
-ids, person folders, clusters, or one identity per image),
-shards written to temporary names and renamed, stale shards removed, manifest last. Every input
-file is counted exactly once: ``files_seen = images_accepted + sum(rejected.values())``.
+Stage 2, :func:`idforge.data_pipeline.finalize.finalize_curation` (rank 0 once every unit is
+committed, or an explicit call; one finalizer at a time under a lock): metadata only -> identity
+clustering -> near-duplicate removal -> held-out split -> occlusion test and captions (only on the
+survivors) -> crops streamed into shards -> manifest last. Every input file is counted exactly once:
+``files_seen = images_accepted + sum(rejected.values())``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
-from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .align import align_face, transform_points
-from .caption import make_captioner
-from .cluster import cluster_labelled, cluster_unlabelled, write_report
+from .align import align_face, transform_box, transform_points
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
-from .detect import make_detector
-from .embed import make_embedder
-from .filters import FilterConfig, check_face, near_duplicates
-from .shards import GroupImage, split_group, write_manifest, write_shards
-from .sources import open_source
+from .detect import make_detector, resolve_detector
+from .embed import make_embedder, resolve_embedder
+from .filters import FilterConfig, check_face
+from .sources import SourceItem, open_source
 
 log = logging.getLogger(__name__)
 UNITS = "_units"
+LISTING = "listing.json"
+COMMITTED = "unit.json"
+STAGE1_FILTERS = ("min_det_score", "min_face_px", "min_face_fraction", "min_resolution", "min_sharpness")
+
+
+class ConfigMismatchError(ValueError):
+    """The committed units of an output folder were written with a different stage-1 config."""
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(os.path.expandvars(str(path)))
+
+
+def _expand_spec(spec: str | None) -> str | None:
+    """Expand ``~``/``$VAR`` in the path part of an open_clip spec (``local-dir:P``, ``ARCH@P``)."""
+    if spec is None:
+        return None
+    for sep in ("local-dir:", "@"):
+        if sep in spec:
+            head, tail = spec.split(sep, 1)
+            return f"{head}{sep}{_expand(tail)}"
+    return spec if spec.startswith("hf-hub:") else _expand(spec)
+
+
+def env_rank_world() -> tuple[int, int]:
+    """(rank, world) from ``RANK``/``WORLD_SIZE``, else a SLURM array (ids offset by
+    ``SLURM_ARRAY_TASK_MIN``, divided by its step) times ``SLURM_PROCID`` of ``SLURM_NTASKS`` tasks."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]), int(env.get("WORLD_SIZE", "1"))
+    rank, world = 0, 1
+    if "SLURM_ARRAY_TASK_ID" in env:
+        lo, step = int(env.get("SLURM_ARRAY_TASK_MIN", "0")), int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
+        rank = (int(env["SLURM_ARRAY_TASK_ID"]) - lo) // step
+        hi = int(env.get("SLURM_ARRAY_TASK_MAX", env["SLURM_ARRAY_TASK_ID"]))
+        world = int(env.get("SLURM_ARRAY_TASK_COUNT", (hi - lo) // step + 1))
+    ntasks = int(env.get("SLURM_NTASKS", "1"))
+    if "SLURM_PROCID" in env and ntasks > 1:
+        rank, world = rank * ntasks + int(env["SLURM_PROCID"]), world * ntasks
+    return rank, world
 
 
 @dataclass
 class CurateConfig:
     input: str
     output: str
-    detector: str = "landmarks"
-    embedder: str | None = None
-    """Face-encoder folder, backbone.pth or recognition .onnx; None: no embeddings."""
+    detector: str = "auto"
+    """``auto`` (provided landmarks, else an insightface pack, else dlib), ``landmarks``,
+    ``insightface`` or ``dlib`` (:func:`idforge.data_pipeline.detect.resolve_detector`)."""
+    embedder: str | None = "auto"
+    """Face-encoder folder, backbone.pth, recognition .onnx, ``dlib``, ``auto`` (a pack's ArcFace, else
+    dlib, else none) or None: no embeddings."""
+    device: str = "auto"
+    """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (cuda when available): detector, embedder, occlusion
+    CLIP and captioner run there, one copy of each per process."""
+    fp16: bool = True
+    """Run the torch embedder in half precision on cuda."""
     resolution: int = 512
     crop_scale: float = 0.8
     """Training crop = ArcFace template zoomed out by this factor (1.0 = the tight ArcFace crop)."""
@@ -62,6 +112,8 @@ class CurateConfig:
     world_size: int | None = None
     max_group_size: int = 16
     groups_per_shard: int = 1000
+    shard_max_bytes: int = 1 << 30
+    """A shard is closed once it holds this many bytes (or ``groups_per_shard`` groups)."""
     jpeg_quality: int = 95
     detect_batch_size: int = 32
     """Decoded images handed to the detector at once (insightface runs them as one batch)."""
@@ -73,41 +125,90 @@ class CurateConfig:
     captioner: str = "provided"
     """``provided`` | ``celeba`` | ``blip`` | ``lavis`` (:mod:`idforge.data_pipeline.caption`)."""
     captioner_options: dict = field(default_factory=dict)
-    """Keyword arguments of the captioner (e.g. ``model``, ``batch_size``, ``device`` for ``blip``)."""
-    cluster: str | None = None
-    """Identity clustering: None, ``labelled`` (per provided person) or ``unlabelled`` (needs ``embedder``)."""
+    """Keyword arguments of the captioner (e.g. ``model``, ``batch_size``, ``dtype`` for ``blip``)."""
+    cluster: str | None = "auto"
+    """Identity clustering: ``auto`` (images without a provided identity are clustered when there are
+    embeddings), None, ``labelled`` (per provided person) or ``unlabelled`` (all images)."""
     cluster_options: dict = field(default_factory=dict)
     """Keyword arguments of :func:`cluster_labelled` (k, min_similarity) or :func:`cluster_unlabelled`
-    (threshold, min_size, refine, chunk, device)."""
+    (threshold: the embedder's identity threshold unless given, min_size, refine, chunk, device)."""
+    heldout: int = 0
+    """Identities (with >= 2 images) moved from train to the ``heldout`` split (FlashFace: 200)."""
 
     def __post_init__(self):
         if isinstance(self.filters, dict):
             self.filters = FilterConfig(**self.filters)
+        self.input, self.output = _expand(self.input), _expand(self.output)
+        if self.embedder not in (None, "", "none", "auto", "dlib"):
+            self.embedder = _expand(self.embedder)
+        self.occlusion_model = _expand_spec(self.occlusion_model)
         if self.filters.occlusion and not self.occlusion_model:
             raise ValueError(
                 "filters.occlusion is on but occlusion_model is not set: give an open_clip spec "
                 "(local-dir:/path, ARCH@/path/weights.bin) in the curation config"
             )
-        if self.cluster not in (None, "labelled", "unlabelled"):
-            raise ValueError(f"cluster must be null, 'labelled' or 'unlabelled', got {self.cluster!r}")
-        if self.cluster and not self.embedder:
+        if self.cluster not in (None, "auto", "labelled", "unlabelled"):
+            raise ValueError(f"cluster must be null, auto, 'labelled' or 'unlabelled', got {self.cluster!r}")
+        if self.cluster in ("labelled", "unlabelled") and self.embedder in (None, "", "none"):
             raise ValueError(
-                f"cluster={self.cluster!r} needs face embeddings: set embedder (a face-encoder folder, "
-                "backbone.pth or recognition .onnx)"
+                f"cluster={self.cluster!r} needs face embeddings: set embedder (auto, a face-encoder "
+                "folder, backbone.pth, recognition .onnx or dlib)"
             )
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if (
             self.unit_size < 1
             or self.resolution < 16
             or self.max_group_size < 1
             or self.detect_batch_size < 1
+            or self.heldout < 0
         ):
-            raise ValueError("unit_size, max_group_size, detect_batch_size must be >= 1 and resolution >= 16")
-        if self.rank is None:
-            self.rank = int(os.environ.get("RANK", os.environ.get("SLURM_ARRAY_TASK_ID", "0")))
-        if self.world_size is None:
-            self.world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_ARRAY_TASK_COUNT", "1")))
+            raise ValueError(
+                "unit_size, max_group_size, detect_batch_size must be >= 1, heldout >= 0 and resolution >= 16"
+            )
+        if self.rank is None or self.world_size is None:
+            rank, world = env_rank_world()
+            self.rank = rank if self.rank is None else self.rank
+            self.world_size = world if self.world_size is None else self.world_size
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside world_size {self.world_size}")
+        inp, out = Path(self.input).resolve(), Path(self.output).resolve()
+        if out == inp or (inp.is_dir() and inp in out.parents):
+            raise ValueError(
+                f"{self.output}: the output folder is the input folder or inside it (its shards would be "
+                "read back as input); choose an output folder outside the input"
+            )
+
+    def stage1(self) -> dict:
+        """The fields that decide stage-1 results (hashed into the listing)."""
+        return {
+            "input": self.input,
+            "detector": self.detector,
+            "embedder": self.embedder,
+            "resolution": self.resolution,
+            "crop_scale": self.crop_scale,
+            "person_folders": self.person_folders,
+            "unit_size": self.unit_size,
+            "max_pixels": self.max_pixels,
+            "jpeg_quality": self.jpeg_quality,
+            "filters": {k: getattr(self.filters, k) for k in STAGE1_FILTERS}
+            | {"multiple_faces": self.filters.multiple_faces},
+        }
+
+
+def config_hash(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def _code_version() -> str:
@@ -131,246 +232,382 @@ def _units(n_items: int, unit_size: int) -> list[range]:
     return [range(s, min(s + unit_size, n_items)) for s in range(0, n_items, unit_size)]
 
 
+def tmp_suffix() -> str:
+    """A temporary-name suffix unique per host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a host+pid-unique temporary name, fsync it, rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{tmp_suffix()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _committed(cfg: CurateConfig, unit: int) -> bool:
+    return (Path(cfg.output) / UNITS / f"unit-{unit:06d}" / COMMITTED).is_file()
+
+
+# ------------------------------------------------------------------------------ listing and resolution
+
+
+def read_listing(output: str | Path) -> dict | None:
+    path = Path(output) / UNITS / LISTING
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append(f"{prefix}{k} ({a.get(k)!r} -> {b.get(k)!r})")
+    return out
+
+
+def resolve_config(cfg: CurateConfig, items: list[SourceItem] | None = None) -> CurateConfig:
+    """A copy with ``auto`` detector/embedder resolved: from the committed listing when there is one
+    (so that a re-run sees what the first run chose), else from the source and what is installed."""
+    listing = read_listing(cfg.output)
+    detector, embedder = cfg.detector, cfg.embedder
+    if listing is not None:
+        old = listing["stage1"]
+        detector = old["detector"] if detector == "auto" else detector
+        embedder = old["embedder"] if embedder == "auto" else embedder
+    if detector == "auto":
+        items = items if items is not None else open_source(cfg.input, cfg.person_folders)
+        has_landmarks = any(it.meta.get("landmarks") is not None for it in items)
+        detector = resolve_detector("auto", has_landmarks)
+    embedder = resolve_embedder(embedder)
+    if embedder in ("", "none"):
+        embedder = None
+    if embedder is None and cfg.cluster in ("labelled", "unlabelled"):
+        raise ValueError(
+            f"cluster={cfg.cluster!r} needs face embeddings but embedder=auto found none: unpack an "
+            "insightface pack into ~/.insightface/models/<pack>/, pip install 'idforge[dlib]', or give a "
+            "face-encoder path"
+        )
+    log.info("curation: detector %s, embedder %s", detector, embedder)
+    return dataclasses.replace(cfg, detector=detector, embedder=embedder)
+
+
+def commit_listing(cfg: CurateConfig, items: list[SourceItem]) -> list[SourceItem]:
+    """Write the listing once (atomically; concurrent ranks agree) or check it against ``cfg``;
+    returns the items in listing order (a file listed before but gone now fails with read_error)."""
+    root = Path(cfg.output) / UNITS
+    root.mkdir(parents=True, exist_ok=True)
+    stage1 = cfg.stage1()
+    mine = {"stage1": stage1, "hash": config_hash(stage1), "keys": [it.key for it in items]}
+    path = root / LISTING
+    if not path.is_file():
+        tmp = root / f".{LISTING}.tmp-{tmp_suffix()}"
+        with open(tmp, "w") as f:
+            json.dump(mine, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and fails if another rank was first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    listing = json.loads(path.read_text())
+    if listing["hash"] != mine["hash"]:
+        changed = ", ".join(_diff(listing["stage1"], stage1))
+        raise ConfigMismatchError(
+            f"{path}: the committed units were made with a different config (changed: {changed}); "
+            f"re-run with the original config, or use a new output folder (or delete {root})"
+        )
+    by_key = {it.key: it for it in items}
+    new = len(set(by_key) - set(listing["keys"]))
+    if new:
+        log.warning("%d files appeared since %s was written; they are not curated in this output", new, path)
+
+    def missing(key: str) -> SourceItem:
+        def read() -> bytes:
+            raise FileNotFoundError(f"{key}: listed in {path} but no longer in {cfg.input}")
+
+        return SourceItem(key=key, read=read)
+
+    return [by_key.get(k) or missing(k) for k in listing["keys"]]
+
+
+# ------------------------------------------------------------------------------------ stage 1 (units)
+
 _STATE: dict = {}
 
 
 def _tools(cfg: CurateConfig) -> dict:
-    """The unit stage's models, built once per process and reused across its units."""
-    key = json.dumps(
-        [
-            cfg.detector,
-            cfg.embedder,
-            cfg.occlusion_model,
-            asdict(cfg.filters),
-            cfg.captioner,
-            cfg.captioner_options,
-        ],
-        sort_keys=True,
-        default=str,
-    )
+    """The unit stage's models, built once per process (on ``cfg.device``) and reused across units."""
+    device = resolve_device(cfg.device)
+    key = json.dumps([cfg.detector, cfg.embedder, device, cfg.fp16], default=str)
     if _STATE.get("key") != key:
-        occlusion = None
-        if cfg.filters.occlusion:
-            from .filters import OcclusionFilter
-
-            occlusion = OcclusionFilter.from_spec(cfg.occlusion_model, cfg.filters)
         _STATE.clear()
         _STATE.update(
             key=key,
-            detector=make_detector(cfg.detector),
-            embedder=make_embedder(cfg.embedder),
-            occlusion=occlusion,
-            captioner=make_captioner(cfg.captioner, **cfg.captioner_options),
+            detector=make_detector(cfg.detector, device=device),
+            embedder=make_embedder(cfg.embedder, device=device, fp16=cfg.fp16),
         )
     return _STATE
 
 
-def _accept(
-    cfg: CurateConfig,
-    item,
-    image: np.ndarray,
-    detections,
-    accepted: list,
-    rejects: dict,
-    crops: list,
-    crops112: list,
-) -> None:
-    """Filter one decoded image's detections; align and record it, or record why it was rejected."""
-    det, reason = check_face(image, detections, cfg.filters)
-    if reason:
-        rejects[item.key] = reason
-        return
-    crop112, _ = align_face(image, det.landmarks, size=112, scale=1.0)
-    crop, matrix = align_face(image, det.landmarks, size=cfg.resolution, scale=cfg.crop_scale)
-    box = transform_points(det.box.reshape(2, 2), matrix).reshape(-1)
-    meta = item.meta
-    identity = meta.get("identity") or meta.get("person") or Path(item.key).stem
-    accepted.append(
-        {
+def reject_reason(exc: BaseException) -> str:
+    """``read_error`` for an OSError (stale NFS handle, permissions...), ``error:<Type>`` otherwise."""
+    if isinstance(exc, DecodeError):
+        return exc.reason
+    return "read_error" if isinstance(exc, OSError) else f"error:{type(exc).__name__}"
+
+
+class _Unit:
+    """One unit's results, written into its temporary folder as they come."""
+
+    def __init__(self, cfg: CurateConfig, tmp: Path, embedder):
+        self.cfg, self.tmp, self.embedder = cfg, tmp, embedder
+        self.records: list[dict] = []
+        self.emb_crops: list[np.ndarray] = []
+        self.rejected: dict[str, str] = {}
+        self.errors: list[dict] = []
+
+    def fail(self, key: str, exc: BaseException) -> None:
+        reason = reject_reason(exc)
+        self.rejected[key] = reason
+        if not isinstance(exc, DecodeError):
+            self.errors.append({"key": key, "reason": reason, "message": str(exc)[:500]})
+            log.warning("%s: %s (%s); counted under rejected[%r]", key, type(exc).__name__, exc, reason)
+        else:
+            log.info("skipped %s", exc)
+
+    def accept(self, item: SourceItem, image: np.ndarray, detections) -> None:
+        """Filter one decoded image's detections; align, store and record it, or record why not."""
+        cfg = self.cfg
+        det, reason = check_face(image, detections, cfg.filters)
+        if reason:
+            self.rejected[item.key] = reason
+            return
+        size, scale = (
+            (112, 1.0) if self.embedder is None else (self.embedder.input_size, self.embedder.crop_scale)
+        )
+        emb_crop, _ = align_face(image, det.landmarks, size=size, scale=scale)
+        crop, matrix = align_face(image, det.landmarks, size=cfg.resolution, scale=cfg.crop_scale)
+        meta = item.meta
+        provided = meta.get("identity") or meta.get("person")
+        rec = {
             "source": item.key,
-            "identity": str(identity),
+            # no provided identity: the full key (never the bare file name: a/0001.jpg != b/0001.jpg)
+            "identity": str(provided) if provided else item.key,
+            "labelled": bool(provided),
             "split": meta.get("split", "train"),
             "caption": meta.get("caption", ""),
             "attributes": meta.get("attributes", {}),
             "landmarks": transform_points(det.landmarks, matrix).round(3).tolist(),
-            "box": [round(float(v), 3) for v in box],
+            "box": [round(float(v), 3) for v in transform_box(det.box, matrix)],
             "score": round(det.score, 4),
             "quality": {"face_px": round(det.size, 1), "source_size": list(image.shape[:2])},
         }
-    )
-    crops.append(crop)
-    crops112.append(crop112)
+        if meta.get("source_meta"):
+            rec["source_meta"] = meta["source_meta"]
+        Image.fromarray(crop).save(self.tmp / f"{len(self.records):05d}.jpg", quality=cfg.jpeg_quality)
+        self.records.append(rec)
+        self.emb_crops.append(emb_crop)
+
+    def embed(self) -> np.ndarray | None:
+        """Embeddings of the accepted crops; a crop whose embedding fails is rejected."""
+        if self.embedder is None or not self.records:
+            return None
+        try:
+            return self.embedder.embed(np.stack(self.emb_crops))
+        except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
+            log.info("batched embedding failed (%s); embedding the unit's crops one by one", exc)
+        out, keep = [], []
+        for rec, crop in zip(self.records, self.emb_crops):
+            try:
+                out.append(self.embedder.embed(crop[None])[0])
+                keep.append(True)
+            except Exception as exc:  # noqa: BLE001 - counted, the job goes on
+                self.fail(rec["source"], exc)
+                keep.append(False)
+        old = list(zip(self.records, keep))
+        self.records = []
+        for n, (rec, k) in enumerate(old):
+            if k:
+                os.replace(self.tmp / f"{n:05d}.jpg", self.tmp / f"{len(self.records):05d}.jpg.new")
+                self.records.append(rec)
+            else:
+                (self.tmp / f"{n:05d}.jpg").unlink()
+        for p in self.tmp.glob("*.jpg.new"):
+            os.replace(p, p.with_suffix(""))
+        return np.stack(out) if out else None
+
+    def write(self) -> None:
+        emb = self.embed()
+        lines = [json.dumps(r).encode() + b"\n" for r in self.records]
+        (self.tmp / "records.jsonl").write_bytes(b"".join(lines))
+        np.save(self.tmp / "records.idx.npy", np.cumsum([0] + [len(x) for x in lines]).astype(np.int64))
+        if emb is not None:
+            np.save(self.tmp / "emb.npy", emb.astype(np.float16))
+        if self.errors:
+            (self.tmp / "log.txt").write_text(
+                "".join(f"{e['key']}\t{e['reason']}\t{e['message']}\n" for e in self.errors)
+            )
+        unit = {"n_accepted": len(self.records), "rejected": self.rejected, "errors": len(self.errors)}
+        (self.tmp / COMMITTED).write_text(json.dumps(unit))
+        for p in self.tmp.iterdir():
+            fsync_path(p)
+        fsync_path(self.tmp)
 
 
-def process_unit(cfg: CurateConfig, unit: int, items=None) -> Path:
-    """Run stage 1 on one unit and commit it atomically; returns the unit folder."""
+def process_unit(cfg: CurateConfig, unit: int, items: list[SourceItem] | None = None) -> Path:
+    """Run stage 1 on one unit and commit it atomically; returns the unit folder. ``cfg`` must be
+    resolved (:func:`resolve_config`) and ``items`` in listing order (:func:`commit_listing`)."""
     root = Path(cfg.output) / UNITS
     final = root / f"unit-{unit:06d}"
-    if (final / "records.json").is_file():
+    if (final / COMMITTED).is_file():
         return final
-    items = items if items is not None else open_source(cfg.input, cfg.person_folders)
+    items = items if items is not None else _process_items(cfg)
     span = _units(len(items), cfg.unit_size)[unit]
     tools = _tools(cfg)
-    for stale in root.glob(f".unit-{unit:06d}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".unit-{unit:06d}.tmp-{os.getpid()}"
+    tmp = root / f".unit-{unit:06d}.tmp-{tmp_suffix()}"
+    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    accepted, rejects, crops, crops112 = [], {}, [], []
-    decoded = []  # (item, image) of the current detection batch
+    out = _Unit(cfg, tmp, tools["embedder"])
+    decoded: list[tuple[SourceItem, np.ndarray]] = []  # the current detection batch
 
     def flush():
-        detections = tools["detector"].detect_batch([im for _, im in decoded], [it.meta for it, _ in decoded])
+        images, metas = [im for _, im in decoded], [it.meta for it, _ in decoded]
+        try:
+            detections = tools["detector"].detect_batch(images, metas)
+        except Exception as exc:  # noqa: BLE001 - one file's failure must not stop the job
+            log.info("batched detection failed (%s); detecting one image at a time", exc)
+            detections = []
+            for it, im in decoded:
+                try:
+                    detections.append(tools["detector"].detect(im, it.meta))
+                except Exception as exc:  # noqa: BLE001 - counted, the job goes on
+                    out.fail(it.key, exc)
+                    detections.append(None)
         for (it, image), dets in zip(decoded, detections):
-            _accept(cfg, it, image, dets, accepted, rejects, crops, crops112)
+            if dets is None:
+                continue
+            try:
+                out.accept(it, image, dets)
+            except Exception as exc:  # noqa: BLE001 - counted, the job goes on
+                out.fail(it.key, exc)
         decoded.clear()
 
     for i in span:
         item = items[i]
         if item.reject:
-            rejects[item.key] = item.reject
+            out.rejected[item.key] = item.reject
             continue
         try:
+            item.load_meta()
             decoded.append((item, decode_image(item.read(), item.key, cfg.max_pixels)))
-        except DecodeError as exc:
-            log.info("skipped %s", exc)
-            rejects[item.key] = exc.reason
+        except Exception as exc:  # noqa: BLE001 - counted, the job goes on
+            out.fail(item.key, exc)
         if len(decoded) >= cfg.detect_batch_size:
             flush()
     if decoded:
         flush()
-    if tools["occlusion"] is not None and crops:
-        occluded = tools["occlusion"].flags([Image.fromarray(c) for c in crops])
-        for rec in (r for r, o in zip(accepted, occluded) if o):
-            rejects[rec["source"]] = "occluded"
-        accepted, crops, crops112 = (
-            [x for x, o in zip(seq, occluded) if not o] for seq in (accepted, crops, crops112)
-        )
-    if crops:
-        captions = tools["captioner"].caption([Image.fromarray(c) for c in crops], accepted)
-        for rec, caption in zip(accepted, captions):
-            rec["caption"] = caption
-    for n, crop in enumerate(crops):
-        Image.fromarray(crop).save(tmp / f"{n:05d}.jpg", quality=cfg.jpeg_quality)
-    if tools["embedder"] is not None and crops112:
-        np.save(tmp / "emb.npy", tools["embedder"].embed(np.stack(crops112)).astype(np.float16))
-    (tmp / "records.json").write_text(json.dumps({"accepted": accepted, "rejected": rejects}))
-    os.replace(tmp, final)  # the commit
+    out.write()
+    try:
+        os.replace(tmp, final)  # the commit
+    except OSError:  # another process committed this unit first: keep theirs
+        if not (final / COMMITTED).is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
-def finalize(cfg: CurateConfig, n_units: int, files_seen: int) -> dict:
-    root = Path(cfg.output)
-    rejected: Counter = Counter()
-    by_identity: dict[tuple[str, str], list[GroupImage]] = defaultdict(list)
-    for u in range(n_units):
-        folder = root / UNITS / f"unit-{u:06d}"
-        rec = json.loads((folder / "records.json").read_text())
-        rejected.update(rec["rejected"].values())
-        emb = np.load(folder / "emb.npy") if (folder / "emb.npy").is_file() else None
-        for n, meta in enumerate(rec["accepted"]):
-            img = GroupImage(
-                jpeg=(folder / f"{n:05d}.jpg").read_bytes(),
-                meta={k: v for k, v in meta.items() if k not in ("identity", "split")},
-                embedding=None if emb is None else emb[n].astype(np.float32),
-            )
-            by_identity[(meta["split"], meta["identity"])].append(img)
-    if cfg.cluster:
-        by_identity = _cluster(cfg, by_identity, rejected)
-    groups = defaultdict(list)
-    accepted = 0
-    thr = cfg.filters.duplicate_threshold
-    for (split, identity), images in sorted(by_identity.items()):
-        if thr is not None and images[0].embedding is not None and len(images) > 1:
-            keep = near_duplicates(np.stack([im.embedding for im in images]), thr)
-            rejected["duplicate"] += int((~keep).sum())
-            images = [im for im, k in zip(images, keep) if k]
-        accepted += len(images)
-        groups[split].extend(split_group(identity, images, cfg.max_group_size))
-    shard_names = []
-    for split, gs in sorted(groups.items()):
-        shard_names += write_shards(gs, root, split, cfg.groups_per_shard)
-    for stale in root.glob("*.tar"):
-        if stale.name not in shard_names:
-            stale.unlink()
-    manifest = {
-        "files_seen": files_seen,
-        "images_accepted": accepted,
-        "rejected": dict(sorted(rejected.items())),
-        "identities": {s: len({g.identity for g in gs}) for s, gs in groups.items()},
-        "groups": {s: len(gs) for s, gs in groups.items()},
-        "shards": shard_names,
-        "config": asdict(cfg),
-        "code_version": _code_version(),
-    }
-    if accepted + sum(rejected.values()) != files_seen:
-        raise RuntimeError(
-            f"curation accounting mismatch in {root}: {files_seen} files seen but "
-            f"{accepted} accepted + {sum(rejected.values())} rejected"
-        )
-    write_manifest(root, manifest)
-    return manifest
+_ITEMS: dict = {}
 
 
-def _cluster(cfg: CurateConfig, by_identity: dict, rejected: Counter) -> dict:
-    """Identity clustering per split (SPEC.md sec. 4 stage 4); the reports go beside the shards."""
-    out: dict[tuple[str, str], list[GroupImage]] = defaultdict(list)
-    for split in sorted({s for s, _ in by_identity}):
-        keys = [k for k in sorted(by_identity) if k[0] == split]
-        images = [im for k in keys for im in by_identity[k]]
-        persons = [k[1] for k in keys for _ in by_identity[k]]
-        if any(im.embedding is None for im in images):
-            raise RuntimeError(
-                f"clustering needs embeddings, but units in {cfg.output}/{UNITS} were written "
-                "without an embedder: delete them and re-run with embedder set"
-            )
-        emb = np.stack([im.embedding for im in images])
-        opts = dict(cfg.cluster_options)
-        if cfg.cluster == "labelled":
-            result = cluster_labelled(emb, persons, **opts)
-            names = sorted(set(persons))
-            label = [names[i] if i >= 0 else None for i in result.identity]
-        else:
-            result = cluster_unlabelled(emb, **opts)
-            label = [f"{split}-c{i:07d}" if i >= 0 else None for i in result.identity]
-        write_report(result, Path(cfg.output) / f"cluster_report_{split}")
-        rejected["cluster_outlier"] += int((~result.keep).sum())
-        for im, name in zip(images, label):
-            if name is not None:
-                out[(split, name)].append(im)
-        log.info(
-            "clustering (%s, %s): %d images -> %d identities, %d dropped",
-            cfg.cluster,
-            split,
-            len(images),
-            result.report.get("clusters", 0),
-            int((~result.keep).sum()),
-        )
-    return out
+def _process_items(cfg: CurateConfig) -> list[SourceItem]:
+    """The listing's items, opened once per process."""
+    key = (cfg.input, cfg.person_folders, cfg.output)
+    if _ITEMS.get("key") != key:
+        _ITEMS.update(key=key, items=commit_listing(cfg, open_source(cfg.input, cfg.person_folders)))
+    return _ITEMS["items"]
 
 
 def run_curation(cfg: CurateConfig, progress=None) -> dict | None:
-    """Run this worker's units, then finalize if every unit is committed; returns the manifest
-    (None when other workers' units are still pending)."""
+    """Run this worker's units; rank 0 then finalizes if every unit is committed. Returns the manifest,
+    or None when this is not rank 0 or other workers' units are still pending (then call
+    :func:`idforge.data_pipeline.finalize.finalize_curation` once they are done)."""
+    from .finalize import finalize_curation
+
     items = open_source(cfg.input, cfg.person_folders)
+    cfg = resolve_config(cfg, items)
+    items = commit_listing(cfg, items)
     units = _units(len(items), cfg.unit_size)
     mine = list(range(cfg.rank, len(units), cfg.world_size))
-    root = Path(cfg.output) / UNITS
-    todo = [u for u in mine if not (root / f"unit-{u:06d}" / "records.json").is_file()]
+    todo = [u for u in mine if not _committed(cfg, u)]
     log.info(
         "%d files in %d units; this worker: %d units, %d to do", len(items), len(units), len(mine), len(todo)
     )
     if cfg.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:
-            for _ in pool.map(process_unit, [cfg] * len(todo), todo):
+            for u, _ in zip(todo, pool.map(process_unit, [cfg] * len(todo), todo)):
                 if progress:
-                    progress(cfg.unit_size)
+                    progress(len(units[u]))
     else:
         for u in todo:
             process_unit(cfg, u, items)
             if progress:
                 progress(len(units[u]))
-    pending = [u for u in range(len(units)) if not (root / f"unit-{u:06d}" / "records.json").is_file()]
+    pending = [u for u in range(len(units)) if not _committed(cfg, u)]
     if pending:
-        log.info("%d units of other workers pending; finalize later with a re-run", len(pending))
+        log.info(
+            "%d units of other workers pending; rank 0 or finalize_curation() finishes later", len(pending)
+        )
         return None
-    return finalize(cfg, len(units), len(items))
+    if cfg.rank != 0:
+        log.info("units done; rank 0 (or finalize_curation) writes the shards")
+        return None
+    return finalize_curation(cfg)
+
+
+HINTS = {
+    "no_face": "the detector ({detector}) found no face: try detector insightface or dlib, or provide "
+    "landmarks (landmarks.jsonl, CelebA or FFHQ annotation files)",
+    "det_score": "lower filters.min_det_score",
+    "face_size": "lower filters.min_face_px / filters.min_face_fraction",
+    "resolution": "lower filters.min_resolution (images are smaller than it)",
+    "multiple_faces": "set filters.multiple_faces: largest to keep the largest face",
+    "blur": "lower filters.min_sharpness (or set it to null)",
+    "occluded": "raise filters.occlusion_threshold or turn filters.occlusion off",
+    "duplicate": "raise filters.duplicate_threshold (or set it to null)",
+    "cluster_outlier": "loosen cluster_options (min_size, min_similarity) or set cluster: null",
+    "read_error": "the files could not be read (permissions, a stale network mount); see _units/*/log.txt",
+}
+
+
+def why_nothing_accepted(manifest: dict) -> str | None:
+    """None when the run accepted images; else one sentence naming the top reject reason and what to change."""
+    if manifest.get("images_accepted", 0) > 0:
+        return None
+    rejected = manifest.get("rejected") or {}
+    if not rejected:
+        return f"no input files were found in {manifest.get('config', {}).get('input')}; check --input"
+    reason, n = max(rejected.items(), key=lambda kv: (kv[1], kv[0]))
+    detector = manifest.get("config", {}).get("detector", "?")
+    hint = HINTS.get(reason, "see the unit logs in _units/*/log.txt")
+    if reason.startswith("error:"):
+        hint = "processing raised this exception; see _units/*/log.txt for the files and messages"
+    elif reason in ("decode", "not_image", "empty", "decompression_bomb"):
+        hint = "the files are not readable images (see the unit logs); check --input"
+    return (
+        f"no image was accepted: {n} of {manifest.get('files_seen', 0)} files were rejected as "
+        f"{reason!r}; {hint.format(detector=detector)}"
+    )

@@ -341,12 +341,76 @@ class DlibDetector(Detector):
         return out
 
 
-def make_detector(name: str, **kwargs) -> Detector:
-    """``landmarks`` | ``insightface`` (model=, root=, input_size=, ...) | ``dlib`` (upsample=)."""
+class NoDetectorError(RuntimeError):
+    """``detector: auto`` found no way to detect faces (no provided landmarks, no model pack, no dlib)."""
+
+
+PREFERRED_PACKS = ("antelopev2", "buffalo_l")
+
+
+def find_model_pack(root: str | Path | None = None) -> Path | None:
+    """The first insightface model pack under ``root`` holding a detection ONNX (antelopev2 and
+    buffalo_l first, then any other folder in name order), or None."""
+    base = Path(root or default_model_root()).expanduser()
+    if not base.is_dir():
+        return None
+    others = sorted(p.name for p in base.iterdir() if p.is_dir() and p.name not in PREFERRED_PACKS)
+    for name in (*PREFERRED_PACKS, *others):
+        pack = base / name
+        if pack.is_dir() and any(
+            any(k in c.name.lower() for k in DETECTOR_NAME_HINTS) for c in pack.glob("*.onnx")
+        ):
+            return pack
+    return None
+
+
+def dlib_available() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("dlib", "face_recognition_models"))
+
+
+def resolve_detector(name: str, has_landmarks: bool, root: str | Path | None = None) -> str:
+    """``auto`` -> ``landmarks`` when the source provides them, else ``insightface`` when a model pack
+    is found, else ``dlib`` when its extra is installed; raises :class:`NoDetectorError` otherwise.
+    Any other name is returned unchanged."""
+    if name != "auto":
+        return name
+    if has_landmarks:
+        return "landmarks"
+    if find_model_pack(root) is not None:
+        return "insightface"
+    if dlib_available():
+        return "dlib"
+    raise NoDetectorError(
+        "no face detector available for images without provided landmarks: unpack an insightface "
+        f"model pack (antelopev2 or buffalo_l) into {Path(root or default_model_root()).expanduser()}/<pack>/, "
+        "or pip install 'idforge[dlib]', or add landmarks to the input (landmarks.jsonl, CelebA or "
+        "FFHQ annotation files)"
+    )
+
+
+def onnx_providers(device: str) -> list[str]:
+    """onnxruntime providers for a torch-style device name (CUDA first on ``cuda``)."""
+    if str(device).startswith("cuda"):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_detector(name: str, device: str = "cpu", **kwargs) -> Detector:
+    """``landmarks`` | ``insightface`` (model=, root=, input_size=, ...) | ``dlib`` (upsample=).
+
+    ``device`` (``cpu`` / ``cuda``) picks insightface's onnxruntime providers; dlib runs on the CPU.
+    ``auto`` must be resolved first (:func:`resolve_detector`)."""
     if name == "landmarks":
         return LandmarksDetector()
     if name == "dlib":
         return DlibDetector(**kwargs)
     if name == "insightface":
+        if "model" not in kwargs:
+            pack = find_model_pack(kwargs.get("root"))
+            if pack is not None:
+                kwargs["model"] = pack.name
+        kwargs.setdefault("providers", onnx_providers(device))
         return InsightFaceDetector(**kwargs)
-    raise ValueError(f"unknown detector {name!r}: choose landmarks, insightface or dlib")
+    raise ValueError(f"unknown detector {name!r}: choose auto, landmarks, insightface or dlib")

@@ -1,9 +1,10 @@
 """Per-image quality filters of the curation job (Diff-ID sec. 3.1, FlashFace sec. 3.1).
 
 :func:`check_face` returns the chosen face or a reject reason (the manifest's key), tested in this
-order: ``resolution`` (shorter image side), ``no_face``, ``multiple_faces`` (policy: reject, or keep
-the largest face), ``det_score``, ``face_size`` (shorter box side in pixels, and as a fraction of the
-shorter image side), ``blur`` (variance of the Laplacian of the grey face crop, :func:`sharpness`:
+order: ``resolution`` (shorter image side), ``no_face``, ``det_score`` / ``face_size`` (no detection
+passes both; face size = shorter box side in pixels, and as a fraction of the shorter image side),
+``multiple_faces`` (several faces pass the score and size filters; policy: reject, or keep the
+largest), ``blur`` (variance of the Laplacian of the grey face crop, :func:`sharpness`:
 low = blurry).
 
 Set-level filters: :func:`near_duplicates` keeps the first image of every group of embeddings with
@@ -47,8 +48,9 @@ class FilterConfig:
     """Minimum variance of the Laplacian on the grey face crop (None: no blur filter)."""
     multiple_faces: str = "reject"
     """``reject`` images with several faces, or keep the ``largest``."""
-    duplicate_threshold: float | None = 0.95
-    """Cosine at or above which an image duplicates an earlier one of the same identity (None: keep all)."""
+    duplicate_threshold: float | str | None = "auto"
+    """Cosine at or above which an image duplicates an earlier one of the same identity (None: keep all;
+    ``auto``: the embedder's own value, :data:`idforge.data_pipeline.embed.THRESHOLDS`)."""
     occlusion: bool = False
     occlusion_prompts: tuple[str, ...] = DEFAULT_OCCLUSION_PROMPTS
     clean_prompt: str = CLEAN_PROMPT
@@ -66,7 +68,7 @@ class FilterConfig:
             )
         if self.min_resolution < 1 or self.min_face_px < 0:
             raise ValueError("FilterConfig.min_resolution must be >= 1 and min_face_px >= 0")
-        if self.duplicate_threshold is not None and not -1.0 <= self.duplicate_threshold <= 1.0:
+        if self.duplicate_threshold not in (None, "auto") and not -1.0 <= self.duplicate_threshold <= 1.0:
             raise ValueError(
                 f"FilterConfig.duplicate_threshold is a cosine in [-1, 1], got {self.duplicate_threshold}"
             )
@@ -95,6 +97,14 @@ def face_crop(image: np.ndarray, det: FaceDetection) -> np.ndarray:
     return image[y0:y1, x0:x1] if x1 > x0 + 2 and y1 > y0 + 2 else image
 
 
+def _score_size_reason(det: FaceDetection, cfg: FilterConfig, short_side: int) -> str | None:
+    if det.score < cfg.min_det_score:
+        return "det_score"
+    if det.size < cfg.min_face_px or det.size / short_side < cfg.min_face_fraction:
+        return "face_size"
+    return None
+
+
 def check_face(
     image: np.ndarray, detections: list[FaceDetection], cfg: FilterConfig
 ) -> tuple[FaceDetection | None, str | None]:
@@ -104,15 +114,22 @@ def check_face(
         return None, "resolution"
     if not detections:
         return None, "no_face"
-    if len(detections) > 1:
+    # Only faces that pass the score and size filters count towards "several faces": a weak false
+    # detection (a pattern on clothing, score 0.1) must not reject a one-person photo.
+    passing, first_reason = [], None
+    for d in detections:
+        reason = _score_size_reason(d, cfg, min(h, w))
+        if reason is None:
+            passing.append(d)
+        elif first_reason is None or (reason == "face_size" and first_reason == "det_score"):
+            first_reason = reason  # the reason of the closest miss: size beats score
+    if not passing:
+        return None, first_reason
+    if len(passing) > 1:
         if cfg.multiple_faces == "reject":
             return None, "multiple_faces"
-        detections = [max(detections, key=lambda d: d.area)]
-    det = detections[0]
-    if det.score < cfg.min_det_score:
-        return None, "det_score"
-    if det.size < cfg.min_face_px or det.size / min(h, w) < cfg.min_face_fraction:
-        return None, "face_size"
+        passing = [max(passing, key=lambda d: d.area)]
+    det = passing[0]
     if cfg.min_sharpness is not None:
         crop = face_crop(image, det)
         gray = crop.astype(np.float32).mean(-1) if crop.ndim == 3 else crop

@@ -1,7 +1,8 @@
 """Identity-grouped webdataset shards and their manifest (ARCHITECTURE.md, "Shards").
 
 One webdataset sample per identity group, key = identity id (groups over ``max_group_size`` are
-split into ``<identity>-p000``, ``-p001``...; keys never contain dots). Members:
+split into ``<key>-p000``, ``-p001``...; keys hold only letters, digits, ``_`` and ``-``: see
+:func:`group_key`). Members:
 
 - ``NNN.jpg``: the training crops (aligned and resized to the training resolution);
 - ``meta.json``: ``{"identity", "centre": [512 floats], "images": [{caption, box, landmarks (in the
@@ -15,9 +16,12 @@ idforge. Each shard is written to a temporary name and renamed, so a reader neve
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +89,17 @@ def write_shards(
     return names
 
 
+def group_key(identity: str) -> str:
+    """A webdataset key for an identity: letters, digits, ``_`` and ``-`` only; a name that had to be
+    changed gets a short hash of the original, so ``a/0001.jpg`` and ``a_0001.jpg`` stay apart."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", identity)
+    if safe != identity:
+        safe += "-" + hashlib.sha1(identity.encode()).hexdigest()[:8]
+    return safe
+
+
 def split_group(identity: str, images: list[GroupImage], max_group_size: int) -> list[IdentityGroup]:
-    safe = identity.replace(".", "_").replace("/", "_")
+    safe = group_key(identity)
     if len(images) <= max_group_size:
         return [IdentityGroup(key=safe, identity=identity, images=images)]
     return [
@@ -96,7 +109,11 @@ def split_group(identity: str, images: list[GroupImage], max_group_size: int) ->
 
 
 def write_manifest(out_dir: Path, manifest: dict) -> Path:
-    tmp = out_dir / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    """``manifest.json``, written to a host+pid-unique temporary name, fsynced and renamed."""
+    tmp = out_dir / f".manifest.json.tmp-{socket.gethostname()}-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(manifest, indent=2, default=str))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out_dir / "manifest.json")
     return out_dir / "manifest.json"

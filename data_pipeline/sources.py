@@ -10,6 +10,10 @@ Supported inputs (chosen by :func:`open_source` from the path):
   FFHQ's ``ffhq-dataset-v2.json`` (68-point landmarks of every image);
 - a ``.tar`` file of images (member names with ``..`` or absolute paths are rejected as
   ``unsafe_path``, never extracted);
+- webdataset shards of other tools (img2dataset, LAION-Face): members grouped by webdataset's
+  ``__key__`` rule (:func:`webdataset.tariterators.base_plus_ext`); one item per image member
+  (``.jpg/.png/.webp``...), its caption read from the sibling ``.txt`` or the ``caption`` field of the
+  sibling ``.json`` (the whole json kept under ``source_meta``);
 - a folder or glob of webdataset shards written by ``idforge curate`` (re-curation).
 
 Listing is sorted, so the work-unit split is deterministic across runs and workers.
@@ -37,6 +41,14 @@ class SourceItem:
     read: Callable[[], bytes]
     meta: dict = field(default_factory=dict)  # landmarks, box, caption, identity, person, split, attributes
     reject: str | None = None  # a reason known before decoding (e.g. unsafe_path)
+    read_meta: Callable[[], dict] | None = None  # metadata read lazily in the unit stage (captions)
+
+    def load_meta(self) -> dict:
+        """``meta`` with the lazily read metadata merged in (once)."""
+        if self.read_meta is not None:
+            self.meta = {**self.read_meta(), **self.meta}
+            self.read_meta = None
+        return self.meta
 
 
 def _unsafe(name: str) -> bool:
@@ -93,12 +105,75 @@ def iter_tar(path: Path, prefix: str | None = None) -> Iterator[SourceItem]:
         log.info("skipped %s: not a readable plain tar (%s)", path, exc)
         yield SourceItem(key=prefix, read=lambda: b"", reject="bad_archive")
         return
+    if _is_webdataset(members):
+        yield from _webdataset_items(path, prefix, members)
+        return
     for m in members:
         key = f"{prefix}::{m.name}"
         if _unsafe(m.name):
             yield SourceItem(key=key, read=lambda: b"", reject="unsafe_path")
             continue
         yield SourceItem(key=key, read=_member_reader(path, m))
+
+
+CAPTION_SUFFIXES = ("txt", "json")
+
+
+def _wds_split(name: str) -> tuple[str, str]:
+    from webdataset.tariterators import base_plus_ext
+
+    key, ext = base_plus_ext(name)
+    return (key or name), (ext or "").lower()
+
+
+def _is_webdataset(members: list[tarfile.TarInfo]) -> bool:
+    """True when some image member has a ``.txt`` / ``.json`` sibling under the same webdataset key."""
+    by_key: dict[str, set[str]] = {}
+    for m in members:
+        key, ext = _wds_split(m.name)
+        by_key.setdefault(key, set()).add(ext)
+    return any(
+        any(f".{e}" in IMAGE_SUFFIXES for e in exts) and any(e in exts for e in CAPTION_SUFFIXES)
+        for exts in by_key.values()
+    )
+
+
+def _caption_reader(path: Path, sidecars: dict[str, tarfile.TarInfo]) -> Callable[[], dict]:
+    def read() -> dict:
+        meta: dict = {}
+        if "json" in sidecars:
+            extra = json.loads(_member_reader(path, sidecars["json"])())
+            if isinstance(extra, dict):
+                meta["source_meta"] = extra
+                if extra.get("caption"):
+                    meta["caption"] = str(extra["caption"])
+        if "txt" in sidecars:
+            meta["caption"] = _member_reader(path, sidecars["txt"])().decode("utf-8", "replace").strip()
+        return meta
+
+    return read
+
+
+def _webdataset_items(path: Path, prefix: str, members: list[tarfile.TarInfo]) -> Iterator[SourceItem]:
+    """One item per image member of a webdataset shard; captions from its ``.txt`` / ``.json``."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    for m in members:
+        key, ext = _wds_split(m.name)
+        groups.setdefault(key, {})[ext] = m
+    for key, exts in groups.items():
+        sidecars = {e: exts[e] for e in CAPTION_SUFFIXES if e in exts}
+        for ext, m in exts.items():
+            if f".{ext.rsplit('.', 1)[-1]}" not in IMAGE_SUFFIXES:
+                continue
+            item_key = f"{prefix}::{m.name}"
+            if _unsafe(m.name):
+                yield SourceItem(key=item_key, read=lambda: b"", reject="unsafe_path")
+                continue
+            yield SourceItem(
+                key=item_key,
+                read=_member_reader(path, m),
+                read_meta=_caption_reader(path, sidecars) if sidecars else None,
+            )
 
 
 def iter_shards(paths: list[Path]) -> Iterator[SourceItem]:

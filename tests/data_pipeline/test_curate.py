@@ -111,6 +111,7 @@ def test_shards_are_plain_tar_files(synthid_folder, tmp_path):
         input=str(synthid_folder),
         output=str(tmp_path / "o"),
         resolution=32,
+        embedder=None,
         filters=FilterConfig(min_resolution=16, min_face_px=4),
     )
     m = run_curation(cfg)
@@ -128,6 +129,7 @@ def test_groups_are_split_at_max_group_size(synthid_folder, tmp_path):
         output=str(tmp_path / "o"),
         resolution=32,
         max_group_size=3,
+        embedder=None,
         filters=FilterConfig(min_resolution=16, min_face_px=4),
     )
     m = run_curation(cfg)
@@ -140,16 +142,19 @@ def test_groups_are_split_at_max_group_size(synthid_folder, tmp_path):
     assert "id00000-p000" in keys and "id00000-p001" in keys
 
 
-def test_workers_split_units_and_the_last_one_finalizes(synthid_folder, tmp_path):
+def test_only_rank_zero_finalizes_once_every_unit_is_committed(synthid_folder, tmp_path):
     kw = {
         "input": str(synthid_folder),
         "output": str(tmp_path / "o"),
         "resolution": 32,
         "unit_size": 5,
+        "embedder": None,
         "filters": FilterConfig(min_resolution=16, min_face_px=4),
     }
-    assert run_curation(CurateConfig(rank=0, world_size=2, **kw)) is None
-    m = run_curation(CurateConfig(rank=1, world_size=2, **kw))
+    assert run_curation(CurateConfig(rank=0, world_size=2, **kw)) is None  # rank 1's units pending
+    assert run_curation(CurateConfig(rank=1, world_size=2, **kw)) is None  # not rank 0
+    assert not (tmp_path / "o" / "manifest.json").exists()
+    m = run_curation(CurateConfig(rank=0, world_size=2, **kw))
     assert m["images_accepted"] == 24
 
 

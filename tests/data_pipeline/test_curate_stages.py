@@ -28,6 +28,7 @@ def test_occlusion_stage_rejects_flagged_images(synthid_folder, tmp_path, tiny_z
         output=str(tmp_path / "o"),
         resolution=32,
         filters=filters,
+        embedder=None,
         occlusion_model=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
     )
     manifest = run_curation(cfg)
@@ -55,6 +56,7 @@ def test_default_caption_for_images_without_one(synthid_folder, tmp_path):
         output=str(tmp_path / "o"),
         resolution=32,
         filters=FilterConfig(**LOOSE),
+        embedder=None,
         captioner="provided",
         captioner_options={"default": "a face."},
     )
@@ -128,7 +130,7 @@ def test_labelled_clustering_drops_images_far_from_the_indicator(synthid_folder,
 
 def test_clustering_needs_an_embedder(tmp_path):
     with pytest.raises(ValueError, match="embedder"):
-        CurateConfig(input=str(tmp_path), output=str(tmp_path / "o"), cluster="unlabelled")
+        CurateConfig(input=str(tmp_path), output=str(tmp_path / "o"), cluster="unlabelled", embedder=None)
 
 
 def test_detector_receives_batches(synthid_folder, tmp_path, monkeypatch):
@@ -150,6 +152,7 @@ def test_detector_receives_batches(synthid_folder, tmp_path, monkeypatch):
         resolution=32,
         unit_size=16,
         detect_batch_size=5,
+        embedder=None,
         filters=FilterConfig(**LOOSE),
     )
     assert run_curation(cfg)["images_accepted"] == 24

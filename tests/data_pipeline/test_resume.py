@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent("""
     import sys, time
     from idforge.data_pipeline.curate import CurateConfig, run_curation
     from idforge.data_pipeline.filters import FilterConfig
-    cfg = CurateConfig(input=sys.argv[1], output=sys.argv[2], resolution=32, unit_size=2,
+    cfg = CurateConfig(input=sys.argv[1], output=sys.argv[2], resolution=32, unit_size=2, embedder=None,
                        filters=FilterConfig(min_resolution=16, min_face_px=4))
     run_curation(cfg, progress=lambda n: time.sleep(0.3))  # slow enough to be killed mid-run
 """)
@@ -38,6 +38,7 @@ def test_kill_minus_nine_then_rerun_matches_an_uninterrupted_run(synthid_folder,
         "input": str(synthid_folder),
         "resolution": 32,
         "unit_size": 2,
+        "embedder": None,
         "filters": FilterConfig(min_resolution=16, min_face_px=4),
     }
     reference = run_curation(CurateConfig(output=str(tmp_path / "ref"), **kw))
