@@ -2,6 +2,7 @@
 
     idforge demo             whole flow on SynthID + tiny models (CPU, offline)
     idforge curate           raw photos -> identity-grouped webdataset shards
+    idforge curate-finalize  the single finalizer of a multi-worker curation
     idforge caption-finetune BLIP fine-tuned on attribute captions (Diff-ID's captioner)
     idforge cache            shards + cached VAE latents and CLIP text states
     idforge train            LightningCLI (fit / validate / test)
@@ -54,6 +55,11 @@ COMMANDS: dict[str, Command] = {
     "curate": Command(
         "idforge.launch.curate_cmd:curate",
         "curate raw photos into identity-grouped webdataset shards",
+        config_class="idforge.data_pipeline.curate:CurateConfig",
+    ),
+    "curate-finalize": Command(
+        "idforge.launch.curate_cmd:finalize",
+        "write the shards of a multi-worker curation once every unit is done",
         config_class="idforge.data_pipeline.curate:CurateConfig",
     ),
     "caption-finetune": Command(

@@ -6,14 +6,31 @@ same keys as YAML: ``configs/curate/*.yaml``); ``idforge curate --help`` lists t
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
+
+
+def _summary(manifest: dict, output: str, seconds: float | None = None) -> None:
+    print(f"\n{'files seen':<24}{manifest['files_seen']:>8}")
+    print(f"{'images accepted':<24}{manifest['images_accepted']:>8}")
+    for reason, n in manifest["rejected"].items():
+        print(f"{'rejected: ' + reason:<24}{n:>8}")
+    print(f"{'identities':<24}{sum(manifest['identities'].values()):>8}")
+    print(f"{'shards':<24}{len(manifest['shards']):>8}")
+    rate = f"{manifest['files_seen'] / max(seconds, 1e-9):.1f} files/s; " if seconds else ""
+    print(f"{rate}manifest: {output}/manifest.json")
+    for report in sorted(Path(output).glob("cluster_report_*.txt")):
+        print(f"identity clustering report: {report}")
+    why = manifest.get("why_nothing_accepted")
+    if why:
+        print(f"\nwarning: {why}")
 
 
 def curate(config) -> int:
     """Curate raw photos (folders, tars, shards, CelebA / CelebA-HQ, FFHQ) into identity-grouped
     webdataset shards + manifest.json (rejects counted by reason; resumable; --rank/--world_size, $RANK
-    or SLURM array ids split the work)."""
+    or SLURM array ids split the work; rank 0 writes the shards once every unit is done)."""
     from idforge.data_pipeline.curate import run_curation
     from idforge.data_pipeline.sources import open_source
     from tqdm import tqdm
@@ -21,24 +38,28 @@ def curate(config) -> int:
     cfg = config
     if not Path(cfg.input).exists():
         raise FileNotFoundError(f"--input {cfg.input}: no such file or folder (photos, a .tar or shards)")
-    total = len(open_source(cfg.input, cfg.person_folders))
+    single = cfg.world_size in (None, 1) and not any(
+        os.environ.get(v) for v in ("WORLD_SIZE", "SLURM_ARRAY_TASK_COUNT", "SLURM_NTASKS")
+    )
+    total = len(open_source(cfg.input, cfg.person_folders)) if single else None
     t0 = time.perf_counter()
     with tqdm(total=total, unit="img", desc="curate") as bar:
         manifest = run_curation(cfg, progress=bar.update)
     if manifest is None:
         print(
-            f"worker {cfg.rank}/{cfg.world_size}: units done; other workers' units pending "
-            "(re-run any worker once all finish to write the shards)"
+            "this worker's units are done; rank 0 writes the shards once every worker's units are committed "
+            "(or run `idforge curate-finalize` with the same options then)"
         )
         return 0
-    secs = time.perf_counter() - t0
-    print(f"\n{'files seen':<24}{manifest['files_seen']:>8}")
-    print(f"{'images accepted':<24}{manifest['images_accepted']:>8}")
-    for reason, n in manifest["rejected"].items():
-        print(f"{'rejected: ' + reason:<24}{n:>8}")
-    print(f"{'identities':<24}{sum(manifest['identities'].values()):>8}")
-    print(f"{'shards':<24}{len(manifest['shards']):>8}")
-    print(f"{total / max(secs, 1e-9):.1f} files/s; manifest: {cfg.output}/manifest.json")
-    if cfg.cluster:
-        print(f"identity clustering report: {cfg.output}/cluster_report_<split>.txt")
+    _summary(manifest, cfg.output, time.perf_counter() - t0)
+    return 0
+
+
+def finalize(config) -> int:
+    """Write the shards and manifest.json of a curation whose units are all committed (the single
+    finalizer: safe to start on several nodes, one writes and the others wait for its result)."""
+    from idforge.data_pipeline.finalize import finalize_curation
+
+    manifest = finalize_curation(config)
+    _summary(manifest, config.output)
     return 0
