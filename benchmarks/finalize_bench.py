@@ -28,7 +28,7 @@ import numpy as np
 CHILD = """
 import sys, time, json, resource
 import webdataset
-from idforge.data_pipeline.curate import CurateConfig
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.finalize import finalize_curation
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 cfg = CurateConfig(**json.loads(sys.argv[1]))
@@ -39,7 +39,7 @@ print(json.dumps({"import_rss_mb": round(base, 1), "seconds": time.perf_counter(
 
 
 def build(root: Path, n: int, per_identity: int, unit_size: int, cfg_kw: dict) -> None:
-    from idforge.data_pipeline.curate import UNITS, CurateConfig, config_hash
+    from idforge.data_pipeline.job import UNITS, CurateConfig, config_hash
     from PIL import Image
 
     cfg = CurateConfig(**cfg_kw)

@@ -37,7 +37,9 @@ import numpy as np
 from PIL import Image
 
 from .cluster import cluster_labelled, cluster_unlabelled, write_report
-from .curate import (
+from .embed import THRESHOLDS, embedder_kind
+from .filters import near_duplicates
+from .job import (
     COMMITTED,
     UNITS,
     CurateConfig,
@@ -49,11 +51,8 @@ from .curate import (
     resolve_config,
     resolve_device,
     tmp_suffix,
-    why_nothing_accepted,
     write_atomic,
 )
-from .embed import THRESHOLDS, embedder_kind
-from .filters import near_duplicates
 from .shards import GroupImage, IdentityGroup, group_key, group_sample, write_manifest
 
 log = logging.getLogger(__name__)
@@ -503,3 +502,38 @@ def _write(
         identities[split] = len(by_split[split])
     fsync_path(root)
     return shard_names, groups, identities, accepted
+
+
+HINTS = {
+    "no_face": "the detector ({detector}) found no face: try detector insightface or dlib, or provide "
+    "landmarks (landmarks.jsonl, CelebA or FFHQ annotation files)",
+    "det_score": "lower filters.min_det_score",
+    "face_size": "lower filters.min_face_px / filters.min_face_fraction",
+    "resolution": "lower filters.min_resolution (images are smaller than it)",
+    "multiple_faces": "set filters.multiple_faces: largest to keep the largest face",
+    "blur": "lower filters.min_sharpness (or set it to null)",
+    "occluded": "raise filters.occlusion_threshold or turn filters.occlusion off",
+    "duplicate": "raise filters.duplicate_threshold (or set it to null)",
+    "cluster_outlier": "loosen cluster_options (min_size, min_similarity) or set cluster: null",
+    "read_error": "the files could not be read (permissions, a stale network mount); see _units/*/log.txt",
+}
+
+
+def why_nothing_accepted(manifest: dict) -> str | None:
+    """None when the run accepted images; else one sentence naming the top reject reason and what to change."""
+    if manifest.get("images_accepted", 0) > 0:
+        return None
+    rejected = manifest.get("rejected") or {}
+    if not rejected:
+        return f"no input files were found in {manifest.get('config', {}).get('input')}; check --input"
+    reason, n = max(rejected.items(), key=lambda kv: (kv[1], kv[0]))
+    detector = manifest.get("config", {}).get("detector", "?")
+    hint = HINTS.get(reason, "see the unit logs in _units/*/log.txt")
+    if reason.startswith("error:"):
+        hint = "processing raised this exception; see _units/*/log.txt for the files and messages"
+    elif reason in ("decode", "not_image", "empty", "decompression_bomb"):
+        hint = "the files are not readable images (see the unit logs); check --input"
+    return (
+        f"no image was accepted: {n} of {manifest.get('files_seen', 0)} files were rejected as "
+        f"{reason!r}; {hint.format(detector=detector)}"
+    )

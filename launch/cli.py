@@ -55,12 +55,12 @@ COMMANDS: dict[str, Command] = {
     "curate": Command(
         "idforge.launch.curate_cmd:curate",
         "curate raw photos into identity-grouped webdataset shards",
-        config_class="idforge.data_pipeline.curate:CurateConfig",
+        config_class="idforge.data_pipeline.job:CurateConfig",
     ),
     "curate-finalize": Command(
         "idforge.launch.curate_cmd:finalize",
         "write the shards of a multi-worker curation once every unit is done",
-        config_class="idforge.data_pipeline.curate:CurateConfig",
+        config_class="idforge.data_pipeline.job:CurateConfig",
     ),
     "caption-finetune": Command(
         "idforge.launch.caption_finetune_cmd:caption_finetune",

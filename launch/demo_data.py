@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
 from idforge.eval.groups import IdentityGroup, load_groups
 from torch.utils.data import DataLoader

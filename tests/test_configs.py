@@ -30,7 +30,7 @@ CURATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "curate").glo
 @pytest.mark.parametrize("path", CURATE, ids=[p.name for p in CURATE])
 def test_curate_config_maps_onto_curate_config(path, tmp_path):
     import yaml
-    from idforge.data_pipeline.curate import CurateConfig
+    from idforge.data_pipeline.job import CurateConfig
 
     cfg = CurateConfig(input=".", output=str(tmp_path), **yaml.safe_load(path.read_text()))
     assert cfg.resolution >= 16 and cfg.filters.multiple_faces in ("reject", "largest")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from idforge.data_pipeline.annotations import load_annotations
 from idforge.data_pipeline.caption import CELEBA_ATTRIBUTES
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.sources import open_source
 from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
 

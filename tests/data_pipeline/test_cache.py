@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 from idforge.data_pipeline.cache import cache_shards
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
 
 

@@ -10,8 +10,9 @@ import tarfile
 
 import numpy as np
 import pytest
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
 from PIL import Image
 

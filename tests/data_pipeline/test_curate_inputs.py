@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from idforge.data_pipeline import detect
 from idforge.data_pipeline.align import align_face, transform_box, transform_points
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.detect import FaceDetection, NoDetectorError, resolve_detector
 from idforge.data_pipeline.filters import FilterConfig, check_face
+from idforge.data_pipeline.job import CurateConfig
 from idforge.data_pipeline.sources import open_source
 from PIL import Image
 

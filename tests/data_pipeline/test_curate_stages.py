@@ -6,8 +6,9 @@ import json
 
 import pytest
 import webdataset as wds
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 
 LOOSE = {"min_resolution": 32, "min_face_px": 8, "duplicate_threshold": None}
 

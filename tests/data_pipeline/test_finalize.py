@@ -11,17 +11,10 @@ from pathlib import Path
 
 import pytest
 from idforge.data_pipeline import curate
-from idforge.data_pipeline.curate import (
-    ConfigMismatchError,
-    CurateConfig,
-    commit_listing,
-    process_unit,
-    resolve_config,
-    run_curation,
-    why_nothing_accepted,
-)
+from idforge.data_pipeline.curate import process_unit, run_curation
 from idforge.data_pipeline.filters import FilterConfig
-from idforge.data_pipeline.finalize import finalize_curation
+from idforge.data_pipeline.finalize import finalize_curation, why_nothing_accepted
+from idforge.data_pipeline.job import ConfigMismatchError, CurateConfig, commit_listing, resolve_config
 from idforge.data_pipeline.sources import open_source
 
 LOOSE = FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None)
@@ -66,7 +59,7 @@ def test_one_rank_and_three_ranks_write_byte_identical_shards(synthid_folder, tm
 
 FINALIZE = textwrap.dedent("""
     import sys
-    from idforge.data_pipeline.curate import CurateConfig
+    from idforge.data_pipeline.job import CurateConfig
     from idforge.data_pipeline.filters import FilterConfig
     from idforge.data_pipeline.finalize import finalize_curation
     cfg = CurateConfig(input=sys.argv[1], output=sys.argv[2], resolution=32, unit_size=5, embedder=None,

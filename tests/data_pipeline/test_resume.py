@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import webdataset as wds
-from idforge.data_pipeline.curate import CurateConfig, run_curation
+from idforge.data_pipeline.curate import run_curation
 from idforge.data_pipeline.filters import FilterConfig
+from idforge.data_pipeline.job import CurateConfig
 
 SCRIPT = textwrap.dedent("""
     import sys, time
-    from idforge.data_pipeline.curate import CurateConfig, run_curation
+    from idforge.data_pipeline.job import CurateConfig
+    from idforge.data_pipeline.curate import run_curation
     from idforge.data_pipeline.filters import FilterConfig
     cfg = CurateConfig(input=sys.argv[1], output=sys.argv[2], resolution=32, unit_size=2, embedder=None,
                        filters=FilterConfig(min_resolution=16, min_face_px=4))
