@@ -1,22 +1,24 @@
 """Identity clustering of ArcFace embeddings (curation stage "cluster"), two modes.
 
 (a) :func:`cluster_labelled`: sources with person labels that may be noisy (FlashFace sec. 3.1):
-    per person, spherical k-means (k = 3, or chosen by silhouette with ``k="auto"``); the centre of
-    the largest cluster is the person's indicator; images in the other clusters, and images whose
-    cosine to the indicator is below ``min_similarity`` (0.6), are dropped.
-(b) :func:`cluster_unlabelled`: no labels. A graph with an edge between every pair of cosine >=
-    ``threshold``; identities are its connected components (single linkage). Pairs are found block
-    by block with chunked matrix products (memory O(chunk^2), never N x N); each block's edges are
-    reduced at once to a spanning star per local component (scipy csgraph, no Python loop over
-    edges), and the stored star edges are compacted whenever they exceed 4 N, so edge memory stays
-    O(N). Scales to millions of embeddings (time O(N^2 D): pass ``device="cuda"`` for the products).
+    per person, k-means (scikit-learn ``KMeans`` on the unit vectors; k = 3, or chosen by cosine
+    silhouette with ``k="auto"``); the centre of the largest cluster is the person's indicator;
+    images in the other clusters, and images whose cosine to the indicator is below
+    ``min_similarity`` (0.6), are dropped.
+(b) :func:`cluster_unlabelled`: no labels. A k-nearest-neighbour graph from a faiss index (exact
+    inner product up to ``flat_max`` embeddings, an IVF index above; on GPUs when faiss has them and
+    ``device`` is not "cpu"), kept where cosine >= ``threshold``; identities are its connected
+    components (scipy csgraph). Time and memory O(N k), never N x N: millions of embeddings on CPU.
 
     Chaining risk: single linkage merges two identities when a chain of images links them, each
     step above the threshold (look-alikes, blurred or mislabelled images, relatives). ``refine=True``
-    runs a centroid-refinement pass: each component is split by spherical 2-means, recursively,
-    while the two halves' centres have cosine below ``threshold`` (a chain joins two groups whose
-    centres are far apart; one identity's halves stay close); then every image is reassigned to its
-    nearest centre, and images below ``threshold`` to every centre are dropped as outliers.
+    splits chained components and refines within each: a component is a suspect when its mean
+    pairwise cosine, or some member's cosine to its centre, is below ``threshold`` (vectorised over all
+    components at once); a suspect is split by spherical 2-means, recursively, while the two halves'
+    centres have cosine below ``threshold`` (a chain joins groups whose centres are far apart; one
+    identity's halves stay close). Then every image is reassigned to the nearest centre among its own
+    cluster and its graph neighbours' clusters within its component, and images below ``threshold``
+    to all of those are dropped as outliers.
 
 :func:`write_report` writes ``<path>.json`` + ``<path>.txt``: cluster sizes and histograms of
 within-cluster (image to its centre) and between-cluster (centre to centre) cosines.
@@ -52,54 +54,29 @@ def _check(embeddings: np.ndarray) -> np.ndarray:
     e = np.asarray(embeddings)
     if e.ndim != 2 or len(e) == 0:
         raise ValueError(f"clustering expects (N, D) embeddings with N >= 1, got shape {e.shape}")
-    return _unit(e)
+    return np.ascontiguousarray(_unit(e))
 
 
-def spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """k-means on the unit sphere (cosine), k-means++ seeding; returns (labels (N,), centres (k, D))."""
-    rng = np.random.default_rng(seed)
-    n = len(x)
-    k = max(1, min(k, n))
-    centres = [x[rng.integers(n)]]
-    for _ in range(1, k):  # k-means++: sample far points
-        p = (1.0 - np.max(x @ np.stack(centres).T, axis=1)).clip(0) ** 2
-        centres.append(x[rng.choice(n, p=p / p.sum())] if p.sum() > 0 else x[rng.integers(n)])
-    c = np.stack(centres)
-    labels = np.zeros(n, dtype=np.int64)
-    for it in range(iters):
-        new = np.argmax(x @ c.T, axis=1)
-        if it and np.array_equal(new, labels):
-            break
-        labels = new
-        for j in range(k):
-            members = x[labels == j]
-            if len(members):
-                c[j] = _unit(members.mean(0))
-    return labels, c
+def spherical_kmeans(x: np.ndarray, k: int, seed: int = 0, n_init: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn k-means on unit vectors (for them, nearest mean = highest cosine); returns
+    (labels (N,), unit centres (k, D))."""
+    from sklearn.cluster import KMeans
 
-
-def _silhouette(x: np.ndarray, labels: np.ndarray) -> float:
-    """Mean cosine-distance silhouette (per-person sets are small)."""
-    ids = np.unique(labels)
-    if len(ids) < 2:
-        return -1.0
-    d = 1.0 - x @ x.T
-    s = []
-    for i in range(len(x)):
-        same = labels == labels[i]
-        if same.sum() < 2:
-            s.append(0.0)
-            continue
-        a = d[i, same].sum() / (same.sum() - 1)
-        b = min(d[i, labels == j].mean() for j in ids if j != labels[i])
-        s.append((b - a) / max(a, b, 1e-12))
-    return float(np.mean(s))
+    k = max(1, min(k, len(x)))
+    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
+    return km.labels_.astype(np.int64), _unit(km.cluster_centers_)
 
 
 def _choose_k(x: np.ndarray, seed: int, max_k: int = 5, min_silhouette: float = 0.25) -> int:
+    """The k in 2..max_k with the best cosine silhouette (scikit-learn), or 1 below ``min_silhouette``."""
+    from sklearn.metrics import silhouette_score
+
     best_k, best = 1, min_silhouette
     for k in range(2, min(max_k, len(x) - 1) + 1):
-        s = _silhouette(x, spherical_kmeans(x, k, seed)[0])
+        labels = spherical_kmeans(x, k, seed)[0]
+        if not 2 <= len(np.unique(labels)) <= len(x) - 1:
+            continue
+        s = silhouette_score(x, labels, metric="cosine")
         if s > best:
             best_k, best = k, s
     return best_k
@@ -185,86 +162,157 @@ def cluster_labelled(
     return ClusterResult(identity=identity, keep=identity >= 0, centres=centres, report=report)
 
 
-def _matmul(device: str):
-    if device == "cpu":
-        return lambda a, b: a @ b.T
-    import torch
+def _sums(e: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """Per-cluster sums of the rows of ``e`` (C, D), as one sparse one-hot product."""
+    from scipy.sparse import csr_matrix
 
-    def mm(a, b):
-        return (torch.from_numpy(a).to(device) @ torch.from_numpy(b).to(device).T).float().cpu().numpy()
-
-    return mm
-
-
-def _components(n: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
-    return connected_components(graph, directed=False)[1]
-
-
-def _star(nodes: np.ndarray, comp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges linking every node to the first node of its component (a spanning star)."""
-    order = np.argsort(comp, kind="stable")
-    comp_s, nodes_s = comp[order], nodes[order]
-    first = np.r_[True, comp_s[1:] != comp_s[:-1]]
-    root = nodes_s[np.maximum.accumulate(np.where(first, np.arange(len(first)), 0))]
-    return nodes_s[~first], root[~first]
-
-
-def threshold_components(
-    e: np.ndarray, threshold: float, chunk: int = 8192, device: str = "cpu"
-) -> np.ndarray:
-    """Connected components of the graph cos(i, j) >= threshold; labels (N,) in 0..C-1."""
-    n = len(e)
-    mm = _matmul(device)
-    er, ec = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
-    stored = 0
-    for a in range(0, n, chunk):
-        for b in range(a, n, chunk):
-            i, j = np.nonzero(mm(e[a : a + chunk], e[b : b + chunk]) >= threshold)  # block (ca, cb)
-            if not len(i):
-                continue
-            i, j = i + a, j + b
-            nodes = np.unique(np.concatenate([i, j]))
-            local = _components(len(nodes), np.searchsorted(nodes, i), np.searchsorted(nodes, j))
-            r, c = _star(nodes, local)
-            er.append(r)
-            ec.append(c)
-            stored += len(r)
-        if stored > 4 * n:  # compact: one star per global component
-            r, c = _star(np.arange(n), _components(n, np.concatenate(er), np.concatenate(ec)))
-            er, ec, stored = [r], [c], len(r)
-    comp = _components(n, np.concatenate(er), np.concatenate(ec))
-    return np.unique(comp, return_inverse=True)[1]
+    onehot = csr_matrix(
+        (np.ones(len(labels), np.float32), (labels, np.arange(len(labels)))), (n_clusters, len(e))
+    )
+    return np.asarray(onehot @ e, dtype=np.float64)
 
 
 def _centres(e: np.ndarray, labels: np.ndarray, n_clusters: int) -> np.ndarray:
-    sums = np.zeros((n_clusters, e.shape[1]), np.float64)
-    np.add.at(sums, labels, e)
-    return _unit(sums)
+    return _unit(_sums(e, labels, n_clusters))
+
+
+def _faiss_index(e: np.ndarray, flat_max: int, nprobe: int, device: str, seed: int):
+    """A faiss inner-product index over ``e``: exact up to ``flat_max`` rows, IVF (sqrt(N) lists) above."""
+    import faiss
+
+    n, d = e.shape
+    gpu = device != "cpu" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if device != "cpu" and not gpu:
+        log.info(
+            "faiss sees no GPU (device=%r, faiss-cpu installed): building the k-NN index on the CPU", device
+        )
+    if n <= flat_max:
+        index, kind = faiss.IndexFlatIP(d), "flat"
+    else:
+        nlist = int(np.sqrt(n))
+        index, kind = faiss.index_factory(d, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT), f"ivf{nlist}"
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed, ivf.cp.niter = seed, 10
+    if gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:
+        rng = np.random.default_rng(seed)
+        index.train(e[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))])
+    index.add(e)
+    if kind != "flat":
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", nprobe)
+        kind += f",nprobe{nprobe}"
+    return index, kind + (",gpu" if gpu else "")
+
+
+def knn(
+    e: np.ndarray,
+    k: int = 32,
+    chunk: int = 8192,
+    flat_max: int = 20_000,
+    nprobe: int = 16,
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The ``k`` nearest neighbours of every row of unit ``e`` by cosine: (sims (N, k+1), ids (N, k+1)
+    with -1 for none; the row itself is usually among them), and the index used. IVF queries go in
+    order of their coarse cell, so consecutive queries scan the same lists (cache, not RAM)."""
+    import faiss
+
+    index, kind = _faiss_index(e, flat_max, nprobe, device, seed)
+    order = np.arange(len(e))
+    if kind.startswith("ivf") and not kind.endswith("gpu"):
+        order = np.argsort(faiss.extract_index_ivf(index).quantizer.search(e, 1)[1][:, 0], kind="stable")
+    kk = min(k + 1, len(e))
+    sims, ids = np.empty((len(e), kk), np.float32), np.empty((len(e), kk), np.int64)
+    for a in range(0, len(e), chunk):
+        rows = order[a : a + chunk]
+        sims[rows], ids[rows] = index.search(e[rows], kk)
+    return sims, ids, kind
+
+
+def _graph_components(sims: np.ndarray, ids: np.ndarray, threshold: float) -> np.ndarray:
+    """Connected components of the k-NN graph's edges with cosine >= threshold; labels (N,) in 0..C-1."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(ids)
+    rows = np.broadcast_to(np.arange(n)[:, None], ids.shape)
+    keep = (ids >= 0) & (ids != rows) & (sims >= threshold)
+    graph = csr_matrix((np.ones(int(keep.sum()), np.int8), (rows[keep], ids[keep])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def threshold_components(
+    e: np.ndarray,
+    threshold: float,
+    chunk: int = 8192,
+    device: str = "cpu",
+    k: int = 32,
+    flat_max: int = 20_000,
+    nprobe: int = 16,
+) -> np.ndarray:
+    """Connected components of the k-NN graph kept where cos(i, j) >= threshold; labels (N,) in 0..C-1."""
+    sims, ids, _ = knn(e, k, chunk, flat_max, nprobe, device)
+    return _graph_components(sims, ids, threshold)
+
+
+def _suspects(e: np.ndarray, labels: np.ndarray, threshold: float, chunk: int = 65536) -> np.ndarray:
+    """Clusters (ids) whose mean pairwise cosine or whose least member-to-centre cosine is below threshold."""
+    n_clusters = int(labels.max()) + 1
+    sums = _sums(e, labels, n_clusters)
+    sizes = np.bincount(labels, minlength=n_clusters)
+    pairs = np.maximum(sizes * (sizes - 1), 1)
+    mean_pair = ((sums**2).sum(1) - sizes) / pairs  # sum over i != j of cos(i, j) = |sum|^2 - n
+    centres = _unit(sums)
+    least = np.full(n_clusters, np.inf, np.float32)
+    for a in range(0, len(e), chunk):
+        cos = np.einsum("nd,nd->n", e[a : a + chunk], centres[labels[a : a + chunk]])  # (chunk,)
+        np.minimum.at(least, labels[a : a + chunk], cos)
+    return np.flatnonzero((sizes >= 2) & ((mean_pair < threshold) | (least < threshold)))
 
 
 def _split_chained(
     e: np.ndarray, labels: np.ndarray, threshold: float, seed: int, max_depth: int = 16
-) -> np.ndarray:
-    """Recursively split a cluster by spherical 2-means while its halves' centres have cosine < threshold."""
+) -> tuple[np.ndarray, int, int]:
+    """Split suspect clusters by spherical 2-means, recursively, while the halves' centres have cosine
+    below threshold; returns (labels renumbered 0..C-1, suspects, clusters split)."""
     labels = labels.copy()
-    next_id = int(labels.max()) + 1
-    queue = [(c, 0) for c in np.unique(labels)]
+    suspects = _suspects(e, labels, threshold)
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], suspects)
+    ends = np.searchsorted(labels[order], suspects, side="right")
+    queue = [(order[a:b], 0) for a, b in zip(starts, ends)]
+    next_id, split = int(labels.max()) + 1, 0
     while queue:
-        c, depth = queue.pop()
-        idx = np.flatnonzero(labels == c)
+        idx, depth = queue.pop()
         if len(idx) < 2 or depth >= max_depth:
             continue
-        halves, centres = spherical_kmeans(e[idx], 2, seed)
+        halves, centres = spherical_kmeans(e[idx], 2, seed, n_init=1)
         if halves.min() == halves.max() or float(centres[0] @ centres[1]) >= threshold:
             continue
         labels[idx[halves == 1]] = next_id
-        queue += [(c, depth + 1), (next_id, depth + 1)]
-        next_id += 1
-    return np.unique(labels, return_inverse=True)[1]
+        queue += [(idx[halves == 0], depth + 1), (idx[halves == 1], depth + 1)]
+        next_id, split = next_id + 1, split + 1
+    return np.unique(labels, return_inverse=True)[1], len(suspects), split
+
+
+def _reassign(
+    e: np.ndarray, labels: np.ndarray, comp: np.ndarray, ids: np.ndarray, rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each image to the nearest centre among its own cluster's and its neighbours' clusters within its
+    component (O(N k D)); returns (labels, cosine to the chosen centre)."""
+    centres = _centres(e, labels, int(labels.max()) + 1)
+    safe = np.where(ids >= 0, ids, np.arange(len(ids))[:, None])
+    same = comp[safe] == comp[:, None]
+    cand = np.concatenate([labels[:, None], np.where(same, labels[safe], labels[:, None])], 1)  # (N, k+2)
+    out, best = labels.copy(), np.empty(len(e), np.float32)
+    for a in range(0, len(e), rows):
+        c = cand[a : a + rows]
+        cos = np.einsum("nd,nkd->nk", e[a : a + rows], centres[c])  # (rows, k+2)
+        j = cos.argmax(1)
+        out[a : a + rows], best[a : a + rows] = c[np.arange(len(c)), j], cos[np.arange(len(c)), j]
+    return out, best
 
 
 def cluster_unlabelled(
@@ -275,31 +323,37 @@ def cluster_unlabelled(
     refine: bool = False,
     seed: int = 0,
     device: str = "cpu",
+    k: int = 32,
+    flat_max: int = 20_000,
+    nprobe: int = 16,
 ) -> ClusterResult:
-    """Identities as threshold-graph components; clusters smaller than ``min_size`` are dropped (-1)."""
+    """Identities as components of the thresholded k-NN graph; clusters smaller than ``min_size`` are
+    dropped (-1). ``k`` neighbours per image, ``chunk`` queries per faiss search, exact search up to
+    ``flat_max`` images and IVF with ``nprobe`` probed lists above, on GPUs when faiss has them."""
     e = _check(embeddings)
-    if not -1.0 <= threshold <= 1.0 or chunk < 1 or min_size < 1:
+    if not -1.0 <= threshold <= 1.0 or chunk < 1 or min_size < 1 or k < 1:
         raise ValueError(
-            f"need -1 <= threshold <= 1, chunk >= 1, min_size >= 1; got {threshold}, {chunk}, {min_size}"
+            f"need -1 <= threshold <= 1, chunk >= 1, min_size >= 1, k >= 1; "
+            f"got {threshold}, {chunk}, {min_size}, {k}"
         )
-    labels = threshold_components(e, threshold, chunk, device)
+    sims, ids, index = knn(e, k, chunk, flat_max, nprobe, device, seed)
+    labels = comp = _graph_components(sims, ids, threshold)
     n_components = int(labels.max()) + 1
     outliers = np.zeros(len(e), dtype=bool)
+    suspects = split = 0
     if refine:
-        labels = _split_chained(e, labels, threshold, seed)
-        c = _centres(e, labels, int(labels.max()) + 1)
-        best = np.empty(len(e), np.float32)
-        for a in range(0, len(e), chunk):  # reassign to the nearest centre, chunked (chunk, C)
-            sims = _matmul(device)(e[a : a + chunk], c)
-            labels[a : a + chunk], best[a : a + chunk] = sims.argmax(1), sims.max(1)
+        labels, suspects, split = _split_chained(e, labels, threshold, seed)
+        labels, best = _reassign(e, labels, comp, ids)
         outliers = best < threshold
     sizes = np.bincount(labels[~outliers], minlength=int(labels.max()) + 1)
     keep = ~outliers & (sizes[labels] >= min_size)
     identity = np.full(len(e), -1, dtype=np.int64)
-    ids = np.unique(labels[keep])
-    identity[keep] = np.searchsorted(ids, labels[keep])  # renumbered 0..C-1
+    ids_kept = np.unique(labels[keep])
+    identity[keep] = np.searchsorted(ids_kept, labels[keep])  # renumbered 0..C-1
     centres = (
-        _centres(e[keep], identity[keep], len(ids)) if keep.any() else np.zeros((0, e.shape[1]), np.float32)
+        _centres(e[keep], identity[keep], len(ids_kept))
+        if keep.any()
+        else np.zeros((0, e.shape[1]), np.float32)
     )
     within = np.einsum("nd,nd->n", e[keep], centres[identity[keep]]) if keep.any() else np.zeros(0)
     report = {
@@ -307,7 +361,11 @@ def cluster_unlabelled(
         "threshold": threshold,
         "refine": refine,
         "min_size": min_size,
+        "k": k,
+        "index": index,
         "components_before_refine": n_components,
+        "suspect_components": suspects,
+        "splits": split,
         "outliers": int(outliers.sum()),
         "dropped_small": int((~keep & ~outliers).sum()),
         **_common_report(identity, within, centres, seed),

@@ -1,8 +1,11 @@
 """LightningDataModule over curated identity shards (webdataset), for single- and multi-GPU training.
 
-Shards are split across DDP ranks and dataloader workers by the reader
-(:func:`idforge.data_pipeline.reader.make_identity_dataset`); the stream is shuffled with a buffer
-and repeats, so runs are bounded by ``trainer.max_steps`` rather than epochs.
+The streams come from :func:`idforge.data_pipeline.reader.make_identity_dataset`. Training: every
+rank and worker resamples shards at random (webdataset ``ResampledShards``), so no reader waits on
+one without a shard, and shuffles undecoded items; the stream is endless (runs are bounded by
+``trainer.max_steps``) unless ``epoch_length`` sets the items per reader per epoch. Validation: one
+finite pass that reads every held-out sample exactly once across ranks x workers, splitting shards
+where there are enough and samples where there are not. Workers persist across epochs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class ShardDataModule(L.LightningDataModule):
         reference: str = "same",
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        epoch_length: int | None = None,
     ):
         """
         Args:
@@ -54,6 +58,7 @@ class ShardDataModule(L.LightningDataModule):
             reference: "same" (the reference is the target photo) or "other" (another photo of the person).
             shuffle_buffer: samples held in the shuffle buffer.
             seed: shuffling seed.
+            epoch_length: training items each reader (rank x worker) yields per epoch; None: endless.
         """
         super().__init__()
         if mode not in ("single", "group"):
@@ -69,17 +74,20 @@ class ShardDataModule(L.LightningDataModule):
         self.reference = reference
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.epoch_length = epoch_length
 
-    def _loader(self, urls, shuffle: bool) -> DataLoader:
+    def _loader(self, urls, train: bool) -> DataLoader:
         from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
 
         ds = make_identity_dataset(
             expand_urls(urls),
             mode=self.mode,
             resolution=self.resolution,
-            shuffle_buffer=self.shuffle_buffer if shuffle else 0,
+            shuffle_buffer=self.shuffle_buffer if train else 0,
             reference=self.reference,
             seed=self.seed,
+            repeat=train,
+            epoch_length=self.epoch_length if train else None,
         )
         return DataLoader(
             ds,
@@ -90,9 +98,9 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_shards, shuffle=True)
+        return self._loader(self.train_shards, train=True)
 
     def val_dataloader(self):
         if not self.val_shards:
             return []
-        return self._loader(self.val_shards, shuffle=False)
+        return self._loader(self.val_shards, train=False)

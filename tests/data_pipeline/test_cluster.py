@@ -172,3 +172,44 @@ def test_synthid_identities_are_recovered_in_both_modes(synthid_embeddings):
     )
     assert ari_unlabelled >= 0.9
     assert ari_labelled >= 0.95 and lab.keep[intruders].sum() <= 1 and lab.keep.sum() >= 0.7 * len(labels)
+
+
+def test_ivf_index_finds_the_same_identities_as_exact_search():
+    emb, labels = _identities(n_id=40, per=10, seed=3)
+    exact = cluster_unlabelled(emb, threshold=0.5, k=8)
+    ivf = cluster_unlabelled(emb, threshold=0.5, k=8, flat_max=0, nprobe=4)  # sqrt(400) = 20 lists
+    assert exact.report["index"] == "flat" and ivf.report["index"] == "ivf20,nprobe4"
+    for r in (exact, ivf):
+        assert adjusted_rand_score(labels, r.identity) == pytest.approx(1.0)
+
+
+def test_the_graph_only_links_each_image_to_its_k_nearest_neighbours():
+    # five pairs along an arc: partners 0.01 rad apart, pairs 0.03 rad apart, every cosine > 0.98
+    t = np.concatenate([[s, s + 0.01] for s in np.arange(5) * 0.04])
+    emb = _unit(np.stack([np.cos(t), np.sin(t)], 1))
+    assert cluster_unlabelled(emb, threshold=0.9, k=9).report["clusters"] == 1  # the complete graph
+    assert cluster_unlabelled(emb, threshold=0.9, k=1).report["clusters"] == 5  # nearest = partner
+
+
+def test_refinement_separates_a_few_images_chained_onto_a_large_identity():
+    a, b = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    rng = np.random.default_rng(1)
+    big = _unit(a + 0.05 * rng.normal(size=(60, 3)))
+    small = _unit(b + 0.05 * rng.normal(size=(5, 3)))
+    bridge = _unit(np.stack([a * np.cos(t) + b * np.sin(t) for t in np.linspace(0.25, 1.3, 8)]))
+    emb = np.concatenate([big, small, bridge])
+    refined = cluster_unlabelled(emb, threshold=0.9, refine=True, k=8)
+    assert cluster_unlabelled(emb, threshold=0.9, k=8).report["clusters"] == 1
+    assert refined.report["suspect_components"] >= 1 and refined.report["splits"] >= 1
+    assert not set(refined.identity[:60].tolist()) & set(refined.identity[60:65].tolist())
+
+
+def test_cuda_device_falls_back_to_the_cpu_index_when_faiss_has_no_gpu(caplog):
+    import faiss
+
+    emb, labels = _identities(n_id=4, per=5)
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("faiss has a GPU here: the fallback is not taken")
+    with caplog.at_level("INFO"):
+        r = cluster_unlabelled(emb, threshold=0.5, device="cuda")
+    assert adjusted_rand_score(labels, r.identity) == pytest.approx(1.0) and "no GPU" in caplog.text
