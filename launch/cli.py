@@ -48,6 +48,9 @@ class Command:
     target: str
     help: str
     config_class: str | None = None
+    uses_models: bool = True
+    """Whether it loads Lightning / diffusers / transformers models: their logs and per-load bars are
+    quieted up front (importing them costs seconds, so commands that do not need them skip it)."""
 
 
 COMMANDS: dict[str, Command] = {
@@ -56,11 +59,13 @@ COMMANDS: dict[str, Command] = {
         "idforge.launch.curate_cmd:curate",
         "curate raw photos into identity-grouped webdataset shards",
         config_class="idforge.data_pipeline.job:CurateConfig",
+        uses_models=False,
     ),
     "curate-finalize": Command(
         "idforge.launch.curate_cmd:finalize",
         "write the shards of a multi-worker curation once every unit is done",
         config_class="idforge.data_pipeline.job:CurateConfig",
+        uses_models=False,
     ),
     "caption-finetune": Command(
         "idforge.launch.caption_finetune_cmd:caption_finetune",
@@ -80,6 +85,7 @@ COMMANDS: dict[str, Command] = {
     "convert-onnx": Command(
         "idforge.launch.convert_cmd:convert_onnx",
         "convert an insightface recognition .onnx into a torch face-encoder folder",
+        uses_models=False,
     ),
 }
 """Subcommands in the order ``idforge --help`` lists them; modules are imported only when used."""
@@ -229,8 +235,6 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module=r"lightning\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
-    warnings.filterwarnings("ignore", module=r"jsonargparse\..*")
-    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 
 def _pop_flags(argv: list[str], *flags: str) -> bool:
@@ -265,7 +269,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return USAGE_EXIT
     if not verbose:
-        _quiet_libraries()
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+        if COMMANDS[name].uses_models:
+            _quiet_libraries()
     try:
         return run_command(name, rest)
     except UsageError as exc:
