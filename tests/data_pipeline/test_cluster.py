@@ -178,7 +178,7 @@ def test_ivf_index_finds_the_same_identities_as_exact_search():
     emb, labels = _identities(n_id=40, per=10, seed=3)
     exact = cluster_unlabelled(emb, threshold=0.5, k=8)
     ivf = cluster_unlabelled(emb, threshold=0.5, k=8, flat_max=0, nprobe=4)  # sqrt(400) = 20 lists
-    assert exact.report["index"] == "flat" and ivf.report["index"] == "ivf20,nprobe4"
+    assert exact.report["index"] == "flat" and ivf.report["index"] == "ivf20,pq4fs+refine,nprobe4"
     for r in (exact, ivf):
         assert adjusted_rand_score(labels, r.identity) == pytest.approx(1.0)
 
