@@ -179,9 +179,10 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         ),
     )
     encoder.save_pretrained(out / "zoo" / "face_encoder")
-    manifest = curate_demo_shards(
-        out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution, cfg.crop_scale
-    )
+    with tqdm(total=len(synth), unit="img", desc="curate") as bar:
+        manifest = curate_demo_shards(
+            out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution, cfg.crop_scale, bar.update
+        )
     clock.done(
         "curate",
         f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "

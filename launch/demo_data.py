@@ -13,7 +13,12 @@ from torch.utils.data import DataLoader
 
 
 def curate_demo_shards(
-    synthid_dir: Path, shards_dir: Path, face_encoder: str, resolution: int, crop_scale: float
+    synthid_dir: Path,
+    shards_dir: Path,
+    face_encoder: str,
+    resolution: int,
+    crop_scale: float,
+    progress=None,
 ) -> dict:
     cfg = CurateConfig(
         input=str(synthid_dir),
@@ -25,7 +30,7 @@ def curate_demo_shards(
         unit_size=512,
         filters=FilterConfig(min_resolution=32, min_face_px=8),
     )
-    manifest = run_curation(cfg)
+    manifest = run_curation(cfg, progress=progress)
     if manifest is None:  # single worker: every unit is ours
         raise RuntimeError(f"curation of {synthid_dir} did not finalize")
     return manifest
