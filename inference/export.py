@@ -1,138 +1,258 @@
-"""Export a trained generator to a self-contained folder, and load it back.
+"""Export a trained generator as a self-contained :class:`IdentityPipeline` folder, and load it back.
 
-Layout (diffusers-compatible where it can be)::
+Layout (``IdentityPipeline.save_pretrained``; safetensors only)::
 
     out/
-      model_index.json         # StableDiffusionPipeline (only when the codec is a VAE)
-      unet/ vae/ text_encoder/ tokenizer/ scheduler/    # save_pretrained of each component
-      adapter/                 # DiffIDAdapter.save_pretrained (config.json + safetensors)
-      adapter/identity_processors.safetensors            # decoupled variant only
-      clip_image_encoder/      # open_clip local-dir folder (when the source was a local folder)
-      face_encoder/            # idforge FaceEncoder folder
-      idforge.json             # how idforge loads the folder (zoo spec relative to it)
+      model_index.json            # IdentityPipeline + resolution, crop_scale, template
+      unet/ vae/                  # plain UNet2DConditionModel / AutoencoderKL (vae absent: pixel models)
+      text_encoder/ tokenizer/
+      scheduler/                  # the INFERENCE scheduler (DDIM by default), same noise schedule
+      adapter/                    # adapter + identity attention processors: the adapter-only export
+      image_encoder/ face_encoder/  # CLIP vision tower and ArcFace, copied in
+      ip_adapter/ip-adapter.safetensors   # decoupled variant: diffusers' IP-Adapter format
+      idforge.json                # resolution, crop_scale, variant, which weights (EMA or live)
+      README.md                   # model card
 
-``diffusers.StableDiffusionPipeline.from_pretrained(out)`` loads the UNet/VAE/text parts; the
-identity path loads with :func:`load_exported`. Weights are safetensors throughout.
+The IP-Adapter file (``image_proj.{proj,norm}`` + ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the
+k-th cross-attention layer, the key rule of diffusers' ``_convert_ip_adapter_attn_to_diffusers``)
+loads into a stock SD1.5 pipeline with ``load_ip_adapter(out, subfolder="ip_adapter",
+weight_name="ip-adapter.safetensors", image_encoder_folder=None)``; the image embeddings are
+``concat(e_arc, e_i)`` passed as ``ip_adapter_image_embeds``. The learnt zero-init gate of
+:class:`~idforge.models.attention.IdentityAttnProcessor` is folded into ``to_v_ip`` (attention is
+linear in V), so the stock processor at scale 1 computes the same output.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
-from idforge.models import zoo as zoo_lib
-from idforge.models.attention import PROCESSOR_WEIGHTS as PROCESSORS
-from idforge.models.attention import load_identity_processors, save_identity_processors
-from idforge.models.generator import GeneratorConfig, IdentityGenerator
+from idforge.models.attention import processor_key
+from idforge.models.codec import PixelCodec, VaeCodec
+from idforge.models.generator import IdentityGenerator
 
 from idforge import __version__
+
+from .components import FaceEncoderModel, IdentityAdapterModel, ImageEncoderModel
+from .pipeline import IdentityPipeline, make_scheduler
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "idforge.json"
+IP_ADAPTER_DIR = "ip_adapter"
+IP_ADAPTER_FILE = "ip-adapter.safetensors"
 
 
-def _split_processor_weights(unet) -> tuple[dict, dict]:
-    """UNet weights without / with the identity attention processors' parameters."""
-    base, procs = {}, {}
-    for k, v in unet.state_dict().items():
-        (procs if ".processor." in k else base)[k] = v.detach().contiguous()
-    return base, procs
+def pipeline_from_generator(
+    model: IdentityGenerator, resolution: int, crop_scale: float = 1.0, scheduler: str = "ddim"
+) -> IdentityPipeline:
+    """An :class:`IdentityPipeline` sharing ``model``'s weights (nothing is copied but the encoders'
+    wrappers), with an inference ``scheduler`` on the training noise schedule."""
+    image_encoder = getattr(model, "image_encoder_model", None)
+    if image_encoder is None:
+        spec = getattr(model, "zoo_spec", None)
+        if spec is None:
+            raise ValueError(
+                "pipeline_from_generator: the generator has no zoo_spec to read its CLIP config from"
+            )
+        image_encoder = ImageEncoderModel.from_encoder(model.image_encoder, spec.image_encoder)
+    return IdentityPipeline(
+        vae=model.codec.vae if isinstance(model.codec, VaeCodec) else None,
+        text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        unet=model.unet,
+        scheduler=make_scheduler(scheduler, model.scheduler.config),
+        adapter=IdentityAdapterModel.from_parts(model.adapter, model.unet),
+        image_encoder=image_encoder,
+        face_encoder=FaceEncoderModel.from_encoder(model.face_encoder),
+        resolution=resolution,
+        crop_scale=crop_scale,
+    )
+
+
+def generator_from_pipeline(pipe: IdentityPipeline) -> IdentityGenerator:
+    """The training-side view (:class:`IdentityGenerator`) of a pipeline's components, shared."""
+    from diffusers import DDPMScheduler
+
+    codec = VaeCodec(pipe.vae, sample_posterior=False) if pipe.vae is not None else PixelCodec()
+    gen = IdentityGenerator(
+        pipe.unet,
+        codec,
+        pipe.text_encoder,
+        pipe.tokenizer,
+        pipe.image_encoder.encoder,
+        pipe.face_encoder.encoder,
+        pipe.adapter.adapter,
+        DDPMScheduler.from_config(pipe.scheduler.config),
+        train_unet=False,
+    )
+    gen.image_encoder_model = pipe.image_encoder
+    return gen.eval()
+
+
+def ip_adapter_state_dict(pipe: IdentityPipeline) -> dict[str, torch.Tensor]:
+    """The decoupled adapter in diffusers' IP-Adapter format (see the module docstring)."""
+    adapter = pipe.adapter.adapter
+    if adapter.config.variant != "decoupled":
+        raise ValueError(
+            f"only the decoupled variant has an IP-Adapter form, this adapter is {adapter.config.variant!r}"
+        )
+    if adapter.norm_input is not None:
+        raise ValueError(
+            "an adapter with input_layernorm has no IP-Adapter form (ImageProjection has no input norm)"
+        )
+    if adapter.config.num_decoupled_tokens != 4:
+        raise ValueError(
+            "diffusers' IP-Adapter loader assumes 4 image tokens; this adapter has "
+            f"{adapter.config.num_decoupled_tokens}"
+        )
+    state = {
+        "image_proj.proj.weight": adapter.proj_decoupled.weight,
+        "image_proj.proj.bias": adapter.proj_decoupled.bias,
+        "image_proj.norm.weight": adapter.norm_decoupled.weight,
+        "image_proj.norm.bias": adapter.norm_decoupled.bias,
+    }
+    key_id = 1
+    for name in pipe.unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        proc = pipe.adapter.processors[processor_key(name)]
+        state[f"ip_adapter.{key_id}.to_k_ip.weight"] = proc.to_k_id.weight
+        state[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc.gate * proc.to_v_id.weight
+        key_id += 2
+    return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def ip_adapter_image_embeds(arcface: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """The ``image_embeds`` a stock pipeline feeds the exported IP-Adapter: concat(e_arc, e_i), (B, 1, D)."""
+    clip = clip.mean(1) if clip.dim() == 3 else clip  # patch tokens averaged, as the adapter does
+    return torch.cat([arcface, clip], dim=-1)[:, None]
+
+
+def model_card(info: dict) -> str:
+    """README.md of an export: base model, data, steps, weights, metrics, intended use, limits."""
+    metrics = info.get("metrics") or {}
+    metric_lines = "\n".join(f"| {k} | {v} |" for k, v in metrics.items()) or "| (none recorded) | |"
+    ip = (
+        "\nThe decoupled adapter is also in diffusers' IP-Adapter format (`ip_adapter/`): "
+        '`pipe.load_ip_adapter(DIR, subfolder="ip_adapter", weight_name="ip-adapter.safetensors", '
+        "image_encoder_folder=None)`, image embeddings = concat(ArcFace, CLIP image embedding).\n"
+        if info.get("ip_adapter")
+        else ""
+    )
+    return f"""---
+library_name: diffusers
+tags: [idforge, identity, face, stable-diffusion]
+---
+# idforge identity model
+
+Identity-conditioned generator (Diff-ID adapter, variant `{info.get("variant")}`) exported by idforge
+{__version__}. Load with `idforge.inference.pipeline.IdentityPipeline.from_pretrained(DIR)` or run
+`idforge generate --model DIR --ref photo.jpg --prompt "..."`.
+
+| | |
+|---|---|
+| base model | {info.get("base", "unknown")} |
+| training data | {info.get("data", "unknown")} |
+| training steps | {info.get("steps", "unknown")} |
+| weights | {info.get("weights", "live (as trained)")} |
+| resolution | {info.get("resolution")} px |
+| alignment | ArcFace 5-point template, crop_scale {info.get("crop_scale")} |
+| scheduler | {info.get("scheduler", "ddim")} (inference; the training noise schedule) |
+
+## Metrics
+| metric | value |
+|---|---|
+{metric_lines}
+
+## Intended use
+Research on identity-preserving generation and editing: images of a consenting person from their
+reference photos. References must be aligned like the training data (`idforge generate` detects and
+aligns them).
+
+## Limits
+Identity fidelity is bounded by the face encoder and the training data; faces unlike the training
+distribution (age, pose, occlusion, lighting) lose identity. Do not use it to impersonate people,
+to make deceptive media, or for biometric identification.
+{ip}"""
 
 
 def export_generator(
-    model: IdentityGenerator, out: str | Path, resolution: int, extra: dict | None = None
+    model: IdentityGenerator,
+    out: str | Path,
+    resolution: int,
+    extra: dict | None = None,
+    scheduler: str = "ddim",
+    card: dict | None = None,
 ) -> Path:
-    """Write ``model`` (as trained) to ``out``; returns the folder."""
+    """Write ``model`` to ``out`` as a self-contained :class:`IdentityPipeline` folder; returns it.
+
+    ``extra`` goes into ``idforge.json``; its ``crop_scale`` (the curation's alignment) goes into the
+    pipeline config too. ``card`` fills the model card (base, data, steps, weights, metrics).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    base, procs = _split_processor_weights(model.unet)
-    if procs:
-        # save the UNet with its stock processors' weights only; identity processors go with the adapter
-        from diffusers import UNet2DConditionModel
+    extra = dict(extra or {})
+    crop_scale = float(extra.get("crop_scale", 1.0))
+    pipe = pipeline_from_generator(model, resolution, crop_scale=crop_scale, scheduler=scheduler)
+    pipe.save_pretrained(out)
+    variant = pipe.adapter.variant
+    if (
+        variant == "decoupled"
+        and pipe.adapter.adapter.norm_input is None
+        and (pipe.adapter.adapter.config.num_decoupled_tokens == 4)
+    ):
+        from safetensors.torch import save_file
 
-        plain = UNet2DConditionModel.from_config(model.unet.config)
-        plain.load_state_dict(base, strict=True)
-        plain.save_pretrained(out / "unet")
-    else:
-        model.unet.save_pretrained(out / "unet")
-    model.adapter.save_pretrained(out / "adapter")
-    if procs:
-        save_identity_processors(model.unet, out / "adapter")
-    has_vae = hasattr(model.codec, "vae")
-    if has_vae:
-        model.codec.vae.save_pretrained(out / "vae")
-    model.text_encoder.save_pretrained(out / "text_encoder")
-    model.tokenizer.save_pretrained(out / "tokenizer")
-    model.scheduler.save_pretrained(out / "scheduler")
-    model.face_encoder.save_pretrained(out / "face_encoder")
+        (out / IP_ADAPTER_DIR).mkdir(parents=True, exist_ok=True)
+        save_file(ip_adapter_state_dict(pipe), out / IP_ADAPTER_DIR / IP_ADAPTER_FILE)
     spec = getattr(model, "zoo_spec", None)
-    image_spec = spec.image_encoder if spec else None
-    local = image_spec[len("local-dir:") :] if image_spec and image_spec.startswith("local-dir:") else None
-    if local and Path(local).is_dir():
-        shutil.copytree(local, out / "clip_image_encoder", dirs_exist_ok=True)
-        image_spec = "local-dir:clip_image_encoder"
-    if has_vae:
-        import diffusers
-
-        (out / "model_index.json").write_text(
-            json.dumps(
-                {
-                    "_class_name": "StableDiffusionPipeline",
-                    "_diffusers_version": diffusers.__version__,
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": [
-                        type(model.scheduler).__module__.split(".")[0],
-                        type(model.scheduler).__name__,
-                    ],
-                    "safety_checker": [None, None],
-                    "feature_extractor": [None, None],
-                    "image_encoder": [None, None],
-                    "requires_safety_checker": False,
-                },
-                indent=2,
-            )
-        )
     manifest = {
-        "format": "idforge-generator",
+        "format": "idforge-pipeline",
         "version": __version__,
         "resolution": int(resolution),
-        "codec": "vae" if has_vae else zoo_lib.PIXEL,
-        "image_encoder": image_spec,
-        "image_tokens": spec.image_tokens if spec else "pooled",
-        **(extra or {}),
+        "crop_scale": crop_scale,
+        "codec": "vae" if pipe.vae is not None else "pixel",
+        "variant": variant,
+        "scheduler": scheduler,
+        **extra,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    info = {
+        "variant": variant,
+        "base": spec.base if spec else None,
+        "resolution": int(resolution),
+        "crop_scale": crop_scale,
+        "scheduler": scheduler,
+        "ip_adapter": (out / IP_ADAPTER_DIR / IP_ADAPTER_FILE).is_file(),
+        **(card or {}),
+    }
+    (out / "README.md").write_text(model_card(info))
     log.info("exported generator to %s", out)
     return out
 
 
+def load_pipeline(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> IdentityPipeline:
+    """``IdentityPipeline.from_pretrained(folder)`` with a one-line error for other folders."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() or not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: not a model folder; write one with `idforge export`")
+    index = json.loads((folder / "model_index.json").read_text())
+    if index.get("_class_name") != "IdentityPipeline":
+        raise ValueError(
+            f"{folder}: written by an older idforge export ({index.get('_class_name')}); re-export it"
+        )
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    pipe = IdentityPipeline.from_pretrained(folder, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
 def load_exported(folder: str | Path, device: str | torch.device = "cpu") -> tuple[IdentityGenerator, dict]:
     """Load a folder written by :func:`export_generator`; returns (generator in eval mode, manifest)."""
-    folder = Path(folder)
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {MANIFEST}; is this a folder written by `idforge export`?")
-    manifest = json.loads(path.read_text())
-    image_spec = manifest["image_encoder"]
-    if image_spec and image_spec.startswith("local-dir:") and not Path(image_spec[10:]).is_absolute():
-        image_spec = f"local-dir:{folder / image_spec[10:]}"
-    spec = zoo_lib.ZooSpec(
-        base=str(folder),
-        vae=zoo_lib.PIXEL if manifest["codec"] == zoo_lib.PIXEL else None,
-        image_encoder=image_spec,
-        image_tokens=manifest.get("image_tokens", "pooled"),
-        face_encoder=str(folder / "face_encoder"),
-    )
-    model = IdentityGenerator.from_config(
-        GeneratorConfig(zoo=spec, adapter_path=str(folder / "adapter"), train_unet=False)
-    )
-    if (folder / "adapter" / PROCESSORS).is_file():
-        load_identity_processors(model.unet, folder / "adapter")  # strict: keys must match the layout
-    return model.to(device).eval(), manifest
+    pipe = load_pipeline(folder, device)
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    return generator_from_pipeline(pipe), manifest

@@ -82,6 +82,7 @@ COMMANDS: dict[str, Command] = {
         "idforge.launch.generate_cmd:generate", "generate images of a reference face's identity"
     ),
     "eval": Command("idforge.launch.eval_cmd:evaluate", "FS table of an exported model on held-out shards"),
+    "morph": Command("idforge.launch.morph_cmd:morph", "frames morphing one person into another"),
     "convert-onnx": Command(
         "idforge.launch.convert_cmd:convert_onnx",
         "convert an insightface recognition .onnx into a torch face-encoder folder",

@@ -134,7 +134,7 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
                 "generate",
                 "--model",
                 str(tmp_path / "model"),
-                "--reference",
+                "--ref",
                 str(ref),
                 "--landmarks",
                 json.dumps(lms),
@@ -150,7 +150,7 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
         )
         == 0
     )
-    assert len(list((tmp_path / "gen").glob("*.png"))) == 2
+    assert len(list((tmp_path / "gen").glob("0*.png"))) == 2 and (tmp_path / "gen" / "grid.png").is_file()
 
     capsys.readouterr()
     assert (
@@ -178,7 +178,7 @@ def test_train_export_generate_eval_chain(demo_out, tmp_path, monkeypatch, capsy
 
 def test_generate_reports_a_missing_reference_in_one_line(demo_out, tmp_path, capsys):
     missing = tmp_path / "nope.png"
-    args = ["generate", "--model", str(demo_out / "export"), "--reference", str(missing)]
+    args = ["generate", "--model", str(demo_out / "export"), "--ref", str(missing)]
     code = main([*args, "--prompt", "x", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1

@@ -134,7 +134,7 @@ def test_a_missing_model_folder_is_one_line_on_stderr(tmp_path):
         "generate",
         "--model",
         str(tmp_path / "no-model"),
-        "--reference",
+        "--ref",
         str(ref),
         "--prompt",
         "a",

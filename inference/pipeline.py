@@ -1,0 +1,373 @@
+"""``IdentityPipeline``: the identity-conditioned generator as a diffusers pipeline.
+
+A :class:`diffusers.StableDiffusionPipeline` subclass whose components are registered (unet, vae,
+text_encoder, tokenizer, scheduler, adapter, image_encoder, face_encoder), so ``save_pretrained`` /
+``from_pretrained`` carry the whole model. It forms the identity context (Diff-ID sec. 3.2: the
+adapter's ``e_refined`` replaces the text states; the ``decoupled`` variant keeps the text and
+passes identity tokens through ``cross_attention_kwargs``) and hands it to the stock
+``StableDiffusionPipeline.__call__`` as ``prompt_embeds``: the stock code prepares the latents,
+steps the scheduler (DDIM, DPM-Solver++, Euler by name), shows the progress bar, decodes with the
+VAE and handles ``enable_model_cpu_offload``.
+
+Guidance (FlashFace sec. 3.3 form, written for identity instead of reference features)::
+
+    Y = Y_none + s_text (Y_text - Y_none) + s_id (Y_text&id - Y_text)
+
+with Y_none = (null identity, negative prompt), Y_text = (null identity, prompt), Y_text&id =
+(identity, prompt). ``s_id = s_text = s`` gives classic CFG against the null branch,
+Y_none + s (Y_text&id - Y_none), the former sampler's rule. The stock loop only knows two-branch
+CFG, so it runs with ``guidance_scale=1`` and a forward pre-hook / hook pair on the UNet batches
+the branches that have a non-zero weight into ONE UNet call per step and combines them; nothing
+else of the stock loop changes. The null identity is the adapter applied to zeroed embeddings, the
+input identity dropout trains.
+
+Pixel-space models (no VAE; the built-in demo) run the same path with ``vae=None``: the stock loop
+returns its "latents" (pixels), which are post-processed like decoded images.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+from idforge.models.attention import PassThroughAttnProcessor, iter_attention_layers, processor_key
+
+log = logging.getLogger(__name__)
+
+SCHEDULERS = ("ddim", "dpm++", "euler")
+
+
+def make_scheduler(name: str, config):
+    """An inference scheduler by name from a (training) scheduler config: ``ddim`` (eta 0,
+    deterministic; Song et al. 2021), ``dpm++`` (DPM-Solver++ 2M, Lu et al. 2022), ``euler``."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    raise ValueError(f"unknown scheduler {name!r}: choose one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class IdentityEmbeds:
+    """One person's (or a mix's) identity inputs: ArcFace (B, 512) and CLIP image (B, D) or (B, N, D)."""
+
+    arcface: torch.Tensor
+    clip: torch.Tensor
+
+    def expand(self, n: int) -> IdentityEmbeds:
+        if self.arcface.shape[0] == n:
+            return self
+        if self.arcface.shape[0] != 1:
+            raise ValueError(f"identity embeddings have batch {self.arcface.shape[0]}; expected 1 or {n}")
+        return IdentityEmbeds(self.arcface.expand(n, -1), self.clip.expand(n, *self.clip.shape[1:]))
+
+    def repeat_interleave(self, n: int) -> IdentityEmbeds:
+        return IdentityEmbeds(self.arcface.repeat_interleave(n, 0), self.clip.repeat_interleave(n, 0))
+
+    def zeros_like(self) -> IdentityEmbeds:
+        return IdentityEmbeds(torch.zeros_like(self.arcface), torch.zeros_like(self.clip))
+
+    def scaled(self, s: float) -> IdentityEmbeds:
+        return IdentityEmbeds(self.arcface * s, self.clip * s)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-6) -> torch.Tensor:
+    """Spherical interpolation, Diff-ID sec. 3.4 (A.1.5): sin((1-t)w)/sin w a + sin(t w)/sin w b,
+    w = arccos(a.b / |a||b|) over the last axis; plain LERP where a and b are (anti)parallel."""
+    af, bf = a.flatten(1).float(), b.flatten(1).float()
+    cos = (af * bf).sum(-1) / (af.norm(dim=-1) * bf.norm(dim=-1)).clamp_min(eps)
+    w = torch.arccos(cos.clamp(-1.0, 1.0))[:, None]  # (B, 1)
+    sin_w = torch.sin(w)
+    safe = sin_w.abs() > eps
+    ca = torch.where(safe, torch.sin((1 - t) * w) / sin_w.where(safe, torch.ones_like(sin_w)), 1 - t)
+    cb = torch.where(
+        safe, torch.sin(t * w) / sin_w.where(safe, torch.ones_like(sin_w)), torch.full_like(w, t)
+    )
+    return (ca * af + cb * bf).reshape(a.shape).to(a.dtype)
+
+
+def mix_identities(a: IdentityEmbeds, b: IdentityEmbeds, weight: float) -> IdentityEmbeds:
+    """Identity mixing: SLERP of both embeddings, ``weight`` 0 -> ``a``, 1 -> ``b``."""
+    return IdentityEmbeds(slerp(a.arcface, b.arcface, weight), slerp(a.clip, b.clip, weight))
+
+
+class IdentityPipeline(StableDiffusionPipeline):
+    """Stable Diffusion with identity conditioning (see the module docstring)."""
+
+    model_cpu_offload_seq = "text_encoder->image_encoder->face_encoder->adapter->unet->vae"
+    _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
+    _exclude_from_cpu_offload: ClassVar[list[str]] = ["safety_checker"]
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        adapter,
+        image_encoder,
+        face_encoder,
+        resolution: int | None = None,
+        crop_scale: float = 1.0,
+        template: str = "arcface",
+    ):
+        DiffusionPipeline.__init__(self)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            adapter=adapter,
+            image_encoder=image_encoder,
+            face_encoder=face_encoder,
+        )
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        resolution = int(resolution or unet.config.sample_size * scale)
+        self.register_to_config(resolution=resolution, crop_scale=float(crop_scale), template=template)
+        self.vae_scale_factor = scale
+        self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
+        self.safety_checker = None
+        self.feature_extractor = None
+        self._install_identity_processors()
+
+    # ------------------------------------------------------------------ components
+    def _install_identity_processors(self) -> None:
+        procs = self.adapter.processors
+        if not len(procs):
+            return
+        layers = {}
+        for name, _, cross in iter_attention_layers(self.unet):
+            if cross is not None and processor_key(name) not in procs:
+                raise ValueError(f"adapter has no identity processor for the UNet layer {name}")
+            layers[name] = procs[processor_key(name)] if cross is not None else PassThroughAttnProcessor()
+        if sum(1 for n in layers if processor_key(n) in procs) != len(procs):
+            raise ValueError("adapter's identity processors do not match this UNet's cross-attention layers")
+        self.unet.set_attn_processor(layers)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' ``save_pretrained`` (safetensors); the UNet is written with stock processors so
+        ``UNet2DConditionModel.from_pretrained`` loads it; identity processors live in ``adapter/``."""
+        procs = self.unet.attn_processors
+        self.unet.set_attn_processor(AttnProcessor2_0())
+        try:
+            kwargs.setdefault("safe_serialization", True)
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.unet.set_attn_processor(procs)
+
+    def set_scheduler(self, name: str) -> None:
+        """Swap the inference scheduler by name (``ddim``, ``dpm++``, ``euler``), same noise schedule."""
+        self.scheduler = make_scheduler(name, self.scheduler.config)
+
+    @property
+    def template_landmarks(self) -> np.ndarray:
+        """(5, 2) landmarks of an aligned crop at the pipeline's resolution and ``crop_scale``."""
+        from idforge.data_pipeline.align import template_for
+
+        return template_for(int(self.config.resolution), float(self.config.crop_scale))
+
+    # ------------------------------------------------------------------ identity inputs
+    @torch.no_grad()
+    def encode_identity(
+        self, references: torch.Tensor, landmarks: torch.Tensor | None = None
+    ) -> IdentityEmbeds:
+        """(e_arc, e_i) of 1..N aligned reference crops (N, 3, H, W) in [-1, 1] of ONE person: the mean
+        of the references' embeddings (ArcFace re-normalised). ``landmarks`` (N, 5, 2) default to the
+        template of an aligned crop at ``crop_scale``."""
+        from idforge.models.face.align_torch import warp_to_template
+
+        device = self._execution_device
+        refs = references.to(device, torch.float32)
+        if landmarks is None:
+            lms = torch.as_tensor(self.template_landmarks, dtype=torch.float32)
+            lms = lms * (refs.shape[-1] / int(self.config.resolution))
+            landmarks = lms.expand(refs.shape[0], 5, 2)
+        crops = warp_to_template(refs, landmarks.to(device, torch.float32), out_size=112)
+        arc = self.face_encoder(crops.to(self.face_encoder.dtype)).float()  # (N, 512)
+        clip = self.image_encoder(refs).float()  # (N, D) or (N, P, D)
+        arc = torch.nn.functional.normalize(arc.mean(0, keepdim=True), dim=-1)
+        return IdentityEmbeds(arc, clip.mean(0, keepdim=True))
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """e_t: (B, 77, D) last hidden states of the CLIP text encoder."""
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return self.text_encoder(ids.to(self._execution_device))[0]
+
+    @torch.no_grad()
+    def condition(self, identity: IdentityEmbeds, text_states: torch.Tensor, adapter_scale: float = 1.0):
+        """The adapter's output for one branch: (context (B, L, C), id_tokens or None).
+
+        ``adapter_scale`` scales the identity embeddings (context-replacing variants) or the
+        identity attention (``decoupled``: ``id_scale``)."""
+        decoupled = self.adapter.variant == "decoupled"
+        ident = identity if decoupled else identity.scaled(adapter_scale)
+        device = text_states.device
+        cond = self.adapter(ident.arcface.to(device), ident.clip.to(device), text_states)
+        return cond.context, cond.id_tokens
+
+    # ------------------------------------------------------------------ guidance on the stock loop
+    @contextmanager
+    def _guided_unet(self, branches: list[tuple[float, torch.Tensor, torch.Tensor | None]], id_scale: float):
+        """Hooks that turn each stock UNet call into one batched call over ``branches``
+        ((weight, context, id_tokens)) and return the weighted sum of their predictions."""
+        weights = [w for w, _, _ in branches]
+        context = torch.cat([c for _, c, _ in branches])  # (k*B, L, C)
+        id_tokens = None
+        if branches[0][2] is not None:
+            id_tokens = torch.cat([t for _, _, t in branches])  # (k*B, n, C)
+        k = len(branches)
+
+        def pre_hook(module, args, kwargs):
+            sample, t = args[0], args[1] if len(args) > 1 else kwargs.pop("timestep")
+            kwargs = dict(kwargs)
+            kwargs["encoder_hidden_states"] = context.to(sample.dtype)
+            if id_tokens is not None:
+                kwargs["cross_attention_kwargs"] = {
+                    "id_tokens": id_tokens.to(sample.dtype),
+                    "id_scale": id_scale,
+                }
+            return (torch.cat([sample] * k), t), kwargs
+
+        def hook(module, args, kwargs, output):
+            pred = output[0] if isinstance(output, tuple) else output.sample
+            parts = pred.chunk(k)
+            out = sum(w * p for w, p in zip(weights, parts))
+            return (out,) if isinstance(output, tuple) else type(output)(sample=out)
+
+        h1 = self.unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        h2 = self.unet.register_forward_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            h1.remove()
+            h2.remove()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] = "",
+        identity: IdentityEmbeds | None = None,
+        references: torch.Tensor | None = None,
+        negative_prompt: str | list[str] = "",
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        identity_guidance_scale: float | None = None,
+        adapter_scale: float = 1.0,
+        num_images_per_prompt: int = 1,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+    ):
+        """Generate images of ``identity`` (or of the aligned ``references`` (N, 3, H, W) in [-1, 1],
+        one person) for each prompt.
+
+        Args:
+            prompt: one prompt or a list (B); the identity is broadcast, or gives one per prompt.
+            identity: :class:`IdentityEmbeds` with batch 1 or B (see :meth:`encode_identity`,
+                :func:`mix_identities`); None with no ``references`` is the null identity.
+            negative_prompt: the null branch's prompt.
+            guidance_scale: s_text of the module docstring (1: no guidance).
+            identity_guidance_scale: s_id (default: ``guidance_scale``, classic CFG).
+            adapter_scale: identity strength (0: the null identity).
+            latents: start from this z_T (B * num_images_per_prompt, C, h, w) (morphing).
+            output_type: ``pil``, ``np``, ``pt`` (images in [0, 1]) or ``latent``.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        if identity is None and references is not None:
+            identity = self.encode_identity(references)
+        device = self._execution_device
+        text = self.encode_text(prompts)
+        if identity is None:
+            identity = IdentityEmbeds(
+                torch.zeros(b, int(self.adapter.adapter.config.arcface_dim), device=device),
+                torch.zeros(b, int(self.adapter.adapter.config.clip_dim), device=device),
+            )
+        identity = identity.expand(b)
+        n = num_images_per_prompt
+        s_text = float(guidance_scale)
+        s_id = s_text if identity_guidance_scale is None else float(identity_guidance_scale)
+        null = identity.zeros_like()
+        plan = [(s_id, identity, text), (s_text - s_id, null, text)]
+        if s_text != 1.0:
+            plan.append((1.0 - s_text, null, self.encode_text(negatives)))
+        branches = []
+        for w, ident, states in plan:
+            if w == 0.0:
+                continue
+            ctx, tokens = self.condition(ident, states, adapter_scale)
+            tokens = tokens.repeat_interleave(n, 0) if tokens is not None else None
+            branches.append((w, ctx.repeat_interleave(n, 0), tokens))
+        if not branches:  # every weight is zero: the prediction is zero; keep the stock shapes
+            ctx, tokens = self.condition(identity, text, adapter_scale)
+            branches = [(0.0, ctx.repeat_interleave(n, 0), tokens)]
+        res = int(self.config.resolution)
+        pixel = self.vae is None
+        with self._guided_unet(branches, adapter_scale):
+            out = super().__call__(
+                prompt_embeds=branches[0][1],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=1.0,
+                num_images_per_prompt=1,
+                height=height or res,
+                width=width or res,
+                generator=generator,
+                latents=latents,
+                eta=eta,
+                output_type="latent" if pixel else output_type,
+                return_dict=True,
+                callback_on_step_end=callback_on_step_end,
+            )
+        images = out.images
+        if pixel and output_type != "latent":
+            images = self.image_processor.postprocess(images.clamp(-1, 1), output_type=output_type)
+        if not return_dict:
+            return (images, None)
+        out.images = images
+        return out
+
+    # ------------------------------------------------------------------ codec
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the space the UNet denoises (VAE mean latent x scaling
+        factor; pixels for pixel-space models). Deterministic (the posterior's mode)."""
+        x = images.to(self._execution_device)
+        if self.vae is None:
+            return x
+        z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
+        return z * float(self.vae.config.scaling_factor)
+
+    @torch.no_grad()
+    def decode_latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`encode_images`: (B, 3, H, W) in [-1, 1]."""
+        if self.vae is None:
+            return latents.clamp(-1, 1)
+        z = latents / float(self.vae.config.scaling_factor)
+        return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)
