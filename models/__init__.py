@@ -10,6 +10,12 @@ file                   holds
                        one walker over its attention layers
 ``codec.py``           image <-> denoising space: SD's VAE latents, or pixels
 ``image_encoder.py``   CLIP image encoder (open_clip) behind one interface
+``referencenet.py``    FlashFace's Face ReferenceNet: a copy of the main UNet that encodes reference faces
+                       once (fixed timestep) into per-layer states; attaches, saves and loads
+``reference_attention.py``  ``ReferenceAttnProcessor`` (reference attention, lambda_feat, identity mixing)
+                       and ``ReferenceFeatures`` (cached states + per-sample index/mask: variable N, drop)
+``face_mask.py``       face position mask: zero-initialised ``conv_in`` widening, box mask, inpainting input
+``guidance.py``        FlashFace's three-branch guidance in one batched UNet call
 ``losses.py``          diffusion targets, x0 prediction, Diff-ID's time-weighted identity loss
 ``zoo.py``             every component's real source and tiny random-weight twin, loaded by one code
                        path; ``tiny_unet`` / ``tiny_vae`` / ``tiny_face_encoder`` build single components
