@@ -176,7 +176,7 @@ class IdentityGenerator(nn.Module):
     def face_embeds(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """ArcFace embeddings (B, 512) of ``images`` (B, 3, H, W) in [-1, 1], each cut to the 112 x 112
         template with its 5 landmarks (pixel coordinates)."""
-        crops = warp_to_template(images.float(), landmarks.float(), out_size=112)
+        crops = warp_to_template(images.float(), landmarks.float(), out_size=112, antialias=True)
         return self.face_encoder(crops).float()
 
     def condition(
