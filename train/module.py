@@ -340,7 +340,7 @@ class IdentityDiffusionModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Frozen weights come from the zoo; every trainable tensor must come from the checkpoint."""
-        state = checkpoint.get("state_dict", {})
+        state = checkpoint.setdefault("state_dict", {})
         expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
         missing = sorted(expected - set(state))
         if missing:
@@ -355,3 +355,5 @@ class IdentityDiffusionModule(L.LightningModule):
                 f"checkpoint holds {len(unknown)} tensors this module does not have, e.g. {unknown[:3]}; "
                 "resume with the config it was trained with"
             )
+        for k, v in self.state_dict().items():  # frozen weights: from the zoo, so loading stays strict
+            state.setdefault(k, v)
