@@ -131,7 +131,6 @@ def test_sd15_config_trains_and_validates_at_reduced_width(
             "--trainer.enable_progress_bar", "false",
             "--trainer.max_steps", "3",
             "--trainer.val_check_interval", "2",
-            "--trainer.limit_val_batches", "1",
             "--trainer.default_root_dir", str(tmp_path),
             "--data.train_shards", json.dumps(train),
             "--data.val_shards", json.dumps(val),
@@ -142,6 +141,9 @@ def test_sd15_config_trains_and_validates_at_reduced_width(
         ],
         run=False,
     )  # fmt: skip
+    # Set here, not as "--trainer.limit_val_batches 1": that string parses to int 1 or to float 1.0
+    # (= 100 % of an endless validation stream) depending on what the session imported before.
+    cli.trainer.limit_val_batches = 1
     model = cli.model.model
     unet = model.unet
     assert list(unet.config.down_block_types) == SD15_UNET["down_block_types"]
