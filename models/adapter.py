@@ -39,6 +39,17 @@ Diff-ID has no text residual: every path to the context passes through the ident
 with zeroed identity inputs the ``final`` context is a constant (MLP(0)) whatever the prompt.
 ``text_residual=True`` (not in the paper; a stabiliser for identity dropout and classifier-free
 guidance) adds ~e_t to e_attribute so the prompt survives.
+
+``text_start=True`` (not in the paper; STYLE convention 5): the paper's context replacement starts
+from a near-constant, near-zero context (at SD1.5 widths the untrained ``final`` context has mean
+~0.007 and token-to-token std ~0.002, against CLIP text states of norm ~28), so the pretrained
+UNet starts out unconditional. With ``text_start`` the context is
+``[0 ; e_t] + MLP(e_fused)`` with the MLP's output layer zero-initialised: at step 0 the attribute
+tokens equal the CLIP text states exactly and the identity tokens are zero, so the UNet starts
+from its pretrained text-conditioned behaviour (the zero identity tokens still take a share
+exp(0) / sum(exp) of each softmax row, which the text tokens' large logits make small), and the
+output layer receives gradients from the first step. It needs ``final_activation=False``
+(a ReLU at a zero output passes no gradient) and ``text_dim == cross_attention_dim``.
 """
 
 from __future__ import annotations
@@ -153,6 +164,32 @@ class FusionMLP(nn.Module):
         return torch.relu(x) if self.final_activation else x
 
 
+def check_adapter_options(options: dict, key: str = "adapter") -> None:
+    """Validate adapter keyword arguments without building anything (so a configuration fails before
+    any model loads); errors name ``<key>.<option>``. Widths are checked when the adapter is built."""
+    import inspect
+
+    known = set(inspect.signature(DiffIDAdapter.__init__).parameters) - {"self"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]}: not an adapter option; known: {sorted(known)}")
+    variant = options.get("variant", "final")
+    if variant not in VARIANTS:
+        raise ValueError(f"{key}.variant: must be one of {VARIANTS}, got {variant!r}")
+    if options.get("clip_tokens", "pooled") not in CLIP_TOKENS:
+        raise ValueError(f"{key}.clip_tokens: must be one of {CLIP_TOKENS}, got {options['clip_tokens']!r}")
+    if options.get("softmax") and options.get("normalize_by_length"):
+        raise ValueError(
+            f"{key}.normalize_by_length: incompatible with {key}.softmax (softmax already normalises "
+            "over the keys); set one of them to false"
+        )
+    if options.get("text_start") and options.get("final_activation", True) and variant != "decoupled":
+        raise ValueError(
+            f"{key}.text_start: needs {key}.final_activation: false (a final ReLU at the "
+            "zero-initialised output passes no gradient)"
+        )
+
+
 class DiffIDAdapter(ModelMixin, ConfigMixin):
     """The identity adapter: ``forward(e_arc, e_i, e_t) -> IdentityConditioning`` (see module docstring)."""
 
@@ -174,6 +211,7 @@ class DiffIDAdapter(ModelMixin, ConfigMixin):
         clip_tokens: str = "pooled",
         num_decoupled_tokens: int = 4,
         text_residual: bool = False,
+        text_start: bool = False,
     ):
         """
         Args:
@@ -191,6 +229,8 @@ class DiffIDAdapter(ModelMixin, ConfigMixin):
             num_decoupled_tokens: identity tokens of the ``decoupled`` variant (IP-Adapter: 4).
             text_residual: add ~e_t to e_attribute (not in the paper; keeps the prompt when the
                 identity input is zero).
+            text_start: context = [0 ; e_t] + MLP(e_fused) with a zero-initialised MLP output
+                layer, so training starts from the pretrained text conditioning (not in the paper).
         """
         super().__init__()
         if variant not in VARIANTS:
@@ -233,6 +273,15 @@ class DiffIDAdapter(ModelMixin, ConfigMixin):
             DualCrossAttention(dim, num_heads, softmax, normalize_by_length) if variant != "joint" else None
         )
         self.mlp = FusionMLP(dim, hidden, cross_attention_dim, final_activation)
+        if text_start:
+            check_adapter_options({"text_start": text_start, "final_activation": final_activation})
+            if text_dim != cross_attention_dim:
+                raise ValueError(
+                    f"adapter.text_start: the text width {text_dim} must equal the UNet's "
+                    f"cross_attention_dim {cross_attention_dim} to start from the text states"
+                )
+            nn.init.zeros_(self.mlp.fc2.weight)
+            nn.init.zeros_(self.mlp.fc2.bias)
 
     # ------------------------------------------------------------------ inputs
     def _clip_tokens(self, clip_embeds: torch.Tensor) -> torch.Tensor:
@@ -311,7 +360,11 @@ class DiffIDAdapter(ModelMixin, ConfigMixin):
             if cfg.text_residual:
                 e_attribute = e_attribute + t_tilde
             fused = torch.cat([e_identity, e_attribute], dim=1)  # eq. (13): (B, L_id + L, D)
-        return IdentityConditioning(context=self.mlp(fused))  # eq. (14)-(15): (B, L_id + L, C)
+        context = self.mlp(fused)  # eq. (14)-(15): (B, L_id + L, C)
+        if cfg.text_start:
+            n_id = e_id.shape[1]
+            context = torch.cat([context[:, :n_id], context[:, n_id:] + text_states.to(dtype)], dim=1)
+        return IdentityConditioning(context=context)
 
     def num_identity_tokens(self, num_patches: int = 1) -> int:
         """Identity tokens in the context (or ``id_tokens`` for ``decoupled``) for the configured inputs."""

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import zoo as zoo_lib
-from .adapter import DiffIDAdapter, IdentityConditioning
+from .adapter import DiffIDAdapter, IdentityConditioning, check_adapter_options
 from .face.align_torch import warp_to_template
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,22 @@ class GeneratorConfig:
         if isinstance(self.zoo, dict):
             self.zoo = zoo_lib.ZooSpec(**self.zoo)
         self.zoo = zoo_lib.resolve(self.zoo)
+
+    def validate(self) -> None:
+        """Check paths and option combinations without loading a model; errors name the key
+        (``generator.zoo.face_encoder: ...``)."""
+        try:
+            self.zoo.validate()
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"generator.{e}") from None
+        if self.adapter_path is not None:
+            if not (Path(self.adapter_path).expanduser() / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"generator.adapter_path: {self.adapter_path} is not an adapter folder (no "
+                    "config.json); point it at a folder written by DiffIDAdapter.save_pretrained"
+                )
+        else:
+            check_adapter_options(dict(self.adapter), key="generator.adapter")
 
 
 class IdentityGenerator(nn.Module):
@@ -81,6 +98,7 @@ class IdentityGenerator(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, cfg: GeneratorConfig) -> IdentityGenerator:
+        cfg.validate()  # paths and options first: a bad config fails before any weights load
         spec = cfg.zoo
         unet = zoo_lib.load_unet(spec)
         codec = zoo_lib.load_codec(spec)
@@ -176,7 +194,7 @@ class IdentityGenerator(nn.Module):
     def face_embeds(self, images: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """ArcFace embeddings (B, 512) of ``images`` (B, 3, H, W) in [-1, 1], each cut to the 112 x 112
         template with its 5 landmarks (pixel coordinates)."""
-        crops = warp_to_template(images.float(), landmarks.float(), out_size=112)
+        crops = warp_to_template(images.float(), landmarks.float(), out_size=112, antialias=True)
         return self.face_encoder(crops).float()
 
     def condition(

@@ -103,7 +103,13 @@ class ClipImageEncoder(nn.Module):
         """(B, 3, H, W) in [-1, 1] -> CLIP input (resized, mean/std normalised)."""
         x = (images.float() + 1.0) / 2.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+            x = F.interpolate(
+                x,
+                size=(self.image_size, self.image_size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )  # antialias: a 512 px face minified to 224 px must be low-passed first
         return (x - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

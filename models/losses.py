@@ -17,9 +17,18 @@ gradients reach the UNet and the adapter through the frozen VAE decoder and the 
 Cost knobs (SPEC.md sec. 2), all off by default:
 - ``max_timestep``: only samples with t < max_timestep (W_t is small above it anyway);
 - ``batch_fraction``: only ceil(fraction x B) of the samples (chosen at random among the eligible);
-- ``face_window``: decode only a face_window x face_window latent window centred on the face box
-  (clamped to the latent): for SD1.5 at 512 px, a 32 x 32 window decodes 256 px instead of 512;
+- ``face_window``: decode only a latent window that holds the ArcFace crop. The window is placed
+  and sized from the crop's four corners mapped back into the image (the inverse of the alignment
+  similarity), plus ``window_margin`` latents for the decoder's receptive field; ``"auto"`` takes
+  the smallest window that holds every crop of the batch, an integer fixes the side and raises when
+  a crop does not fit (a window that cut the crop would make ``grid_sample`` smear border pixels
+  into the face, so the loss would optimise a distorted crop);
+- ``decode_scale``: decode at reduced resolution (the latent window is resized by this factor with
+  an antialiased resize first); the crop's pixels then come closer to the 112 px the face encoder
+  sees, which also saves decoder work;
 - ``checkpoint_decoder``: recompute the decoder in the backward pass instead of storing activations.
+The alignment warp prefilters where it minifies (``antialias``, on by default), so a large face is
+not aliased into the 112 px crop.
 Skipped samples contribute zero: ``loss`` is lambda x (sum over used samples of W_t L_id) / B.
 """
 
@@ -35,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .face.align_torch import warp_to_template
+from .face.align_torch import crop_corners, warp_to_template
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +123,15 @@ class IdentityLossConfig:
     """Compute the loss only for t < max_timestep (None: every t)."""
     batch_fraction: float = 1.0
     """Compute it on ceil(batch_fraction x B) samples of each batch (at least one)."""
-    face_window: int | None = None
-    """Decode only a window of this many latents (per side) around the face box (None: the whole latent)."""
+    face_window: int | str | None = None
+    """Decode only a latent window holding the ArcFace crop: ``"auto"`` (sized per batch), a side in
+    latents (an error when a crop does not fit), or None (the whole latent, the paper)."""
+    window_margin: int = 1
+    """Latents added around the crop on each side of the window (the decoder's border effects)."""
+    decode_scale: float = 1.0
+    """Resize the (windowed) latents by this factor before decoding (< 1: decode at reduced resolution)."""
+    antialias: bool = True
+    """Prefilter before the alignment warp where it minifies (False: plain bilinear, as cv2.warpAffine)."""
     checkpoint_decoder: bool = False
     """Recompute the decoder in the backward pass instead of storing its activations."""
     latent_scale: int | None = 8
@@ -141,8 +157,19 @@ class IdentityLossConfig:
             raise ValueError(
                 f"IdentityLossConfig: batch_fraction must be in (0, 1], got {self.batch_fraction}"
             )
-        if self.face_window is not None and self.face_window < 1:
+        if isinstance(self.face_window, str) and self.face_window != "auto":
+            raise ValueError(
+                f"IdentityLossConfig: face_window must be 'auto', a side in latents or None, got "
+                f"{self.face_window!r}"
+            )
+        if isinstance(self.face_window, int) and self.face_window < 1:
             raise ValueError(f"IdentityLossConfig: face_window must be >= 1 latent, got {self.face_window}")
+        if self.window_margin < 0:
+            raise ValueError(f"IdentityLossConfig: window_margin must be >= 0, got {self.window_margin}")
+        if not 0 < self.decode_scale <= 1:
+            raise ValueError(f"IdentityLossConfig: decode_scale must be in (0, 1], got {self.decode_scale}")
+        if self.decode_scale < 1 and self.latent_scale is None:
+            raise ValueError("IdentityLossConfig: decode_scale needs latent_scale (pixels per latent)")
         if self.latent_scale is not None and self.latent_scale < 1:
             raise ValueError(
                 f"IdentityLossConfig: latent_scale must be >= 1 pixel per latent, got {self.latent_scale}"
@@ -213,28 +240,47 @@ class IdentityLoss(nn.Module):
             idx = idx[perm.sort().values]
         return idx
 
-    def _window(
-        self, latents: torch.Tensor, landmarks: torch.Tensor, boxes: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Cut the face window of each latent; return (windows, landmarks in window pixels, window side)."""
+    def window_bounds(self, landmarks: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """(B, 4) x_lo, y_lo, x_hi, y_hi in latents: the part of the image each ArcFace crop reads
+        (its inverse-warped corners, clipped to the image), widened by ``window_margin``."""
         cfg = self.config
-        if boxes is None:
-            raise ValueError(
-                "IdentityLoss: face_window needs the face boxes (B, 4) in pixel coordinates of the "
-                "decoded image; pass boxes=... or set face_window=None"
-            )
+        h, w = latent_hw
+        edges = crop_corners(landmarks.detach().float(), cfg.align_size) + 0.5  # (B, 4, 2) pixel edges
+        lo = torch.floor(edges.amin(1) / cfg.latent_scale) - cfg.window_margin  # (B, 2)
+        hi = torch.ceil(edges.amax(1) / cfg.latent_scale) + cfg.window_margin
+        size = torch.tensor([w, h], dtype=lo.dtype, device=lo.device)
+        lo = torch.minimum(lo.clamp_min(0), size - 1)
+        hi = torch.maximum(torch.minimum(hi, size), lo + 1)
+        return torch.cat([lo, hi], -1).long()
+
+    def _window(
+        self, latents: torch.Tensor, landmarks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Cut each latent to a window holding its ArcFace crop; (windows, landmarks in window pixels, side)."""
+        cfg = self.config
         h, w = latents.shape[-2:]
-        win_h, win_w = min(cfg.face_window, h), min(cfg.face_window, w)
-        scale = cfg.latent_scale
-        cx = (boxes[:, 0] + boxes[:, 2]) / (2 * scale)  # box centre in latent units
-        cy = (boxes[:, 1] + boxes[:, 3]) / (2 * scale)
+        bounds = self.window_bounds(landmarks, (h, w))  # (B, 4)
+        need_w = int((bounds[:, 2] - bounds[:, 0]).max())
+        need_h = int((bounds[:, 3] - bounds[:, 1]).max())
+        if cfg.face_window == "auto":
+            win_w, win_h = need_w, need_h
+        else:
+            win_w, win_h = min(cfg.face_window, w), min(cfg.face_window, h)
+            if need_w > win_w or need_h > win_h:
+                raise ValueError(
+                    f"identity_loss.face_window: {cfg.face_window} latents cannot hold the ArcFace crop "
+                    f"(it reads a {need_w} x {need_h}-latent part of the {w} x {h} latent, margin "
+                    f"included); set face_window to >= {max(need_w, need_h)} or 'auto'"
+                )
+        cx = (bounds[:, 0] + bounds[:, 2]).float() / 2
+        cy = (bounds[:, 1] + bounds[:, 3]).float() / 2
         x0 = torch.floor(cx - win_w / 2 + 0.5).long().clamp(0, w - win_w)
         y0 = torch.floor(cy - win_h / 2 + 0.5).long().clamp(0, h - win_h)
         crops = torch.stack(
             [latents[i, :, y0[i] : y0[i] + win_h, x0[i] : x0[i] + win_w] for i in range(latents.shape[0])]
         )  # (B, C, win_h, win_w)
-        offset = torch.stack([x0, y0], -1).to(landmarks)[:, None, :] * scale  # (B, 1, 2) pixels
-        return crops, landmarks - offset, win_h
+        offset = torch.stack([x0, y0], -1).to(landmarks)[:, None, :] * cfg.latent_scale  # (B, 1, 2) pixels
+        return crops, landmarks - offset, (win_h, win_w)
 
     def _decode(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
         if self.config.checkpoint_decoder and torch.is_grad_enabled():
@@ -249,7 +295,6 @@ class IdentityLoss(nn.Module):
         timesteps: torch.Tensor,
         landmarks: torch.Tensor,
         reference_embeds: torch.Tensor,
-        boxes: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         active: torch.Tensor | None = None,
     ) -> IdentityLossOutput:
@@ -261,7 +306,6 @@ class IdentityLoss(nn.Module):
             timesteps: (B,) training timesteps t.
             landmarks: (B, 5, 2) landmarks in pixel coordinates of the full decoded image.
             reference_embeds: (B, 512) ArcFace(x_original); treated as constants.
-            boxes: (B, 4) x1, y1, x2, y2 face boxes in pixels (needed for ``face_window``).
             generator: random source of the ``batch_fraction`` choice.
             active: (B,) bool, False for samples whose identity input was dropped (no identity term).
         """
@@ -278,14 +322,23 @@ class IdentityLoss(nn.Module):
             return IdentityLossOutput(zero, nan, nan, nan, 0)
         z, lms = x0_hat[idx], landmarks[idx].float()
         if cfg.face_window is not None:
-            z, lms, win = self._window(z, lms, None if boxes is None else boxes[idx].float())
+            z, lms, _ = self._window(z, lms)
+        if cfg.decode_scale < 1:
+            zh, zw = z.shape[-2:]
+            size = (max(1, round(zh * cfg.decode_scale)), max(1, round(zw * cfg.decode_scale)))
+            z = F.interpolate(z, size=size, mode="bilinear", antialias=True, align_corners=False)
+            ratio = torch.tensor([size[1] / zw, size[0] / zh], dtype=lms.dtype, device=lms.device)
+            lms = (lms + 0.5) * ratio - 0.5  # pixel centres of the smaller decoded image
         images = self._decode(decode, z)  # (n, 3, H, W)
-        if cfg.face_window is not None and images.shape[-2] != win * cfg.latent_scale:
+        resized = cfg.face_window is not None or cfg.decode_scale < 1
+        if resized and images.shape[-2] != z.shape[-2] * cfg.latent_scale:
             raise ValueError(
-                f"IdentityLoss: decode maps a {win}-latent window to {images.shape[-2]} px, but "
+                f"IdentityLoss: decode maps {z.shape[-2]} latents to {images.shape[-2]} px, but "
                 f"latent_scale={cfg.latent_scale}; set latent_scale to the codec's pixels per latent"
             )
-        crops = warp_to_template(images.float(), lms, out_size=cfg.align_size)  # (n, 3, 112, 112)
+        crops = warp_to_template(
+            images.float(), lms, out_size=cfg.align_size, antialias=cfg.antialias
+        )  # (n, 3, 112, 112)
         emb = F.normalize(self.face_encoder(crops).float(), dim=-1)
         ref = F.normalize(reference_embeds[idx].detach().float().to(emb.device), dim=-1)
         cos = (emb * ref).sum(-1)  # (n,)

@@ -63,14 +63,57 @@ class ZooSpec:
         """(path, subfolder) for a diffusers/transformers component."""
         own = getattr(self, component)
         if own:
-            return str(Path(own).expanduser()) if Path(own).expanduser().exists() else own, None
+            return _local_or_hub(component, own), None
         if not self.base:
-            raise ValueError(f"ZooSpec has neither `{component}` nor `base`: set one of them")
-        base = str(Path(self.base).expanduser()) if Path(self.base).expanduser().exists() else self.base
-        return base, component
+            raise ValueError(
+                f"zoo.{component}: ZooSpec has neither `{component}` nor `base`; set one of them"
+            )
+        return _local_or_hub("base", self.base), component
+
+    def validate(self) -> None:
+        """Check every source without loading anything: a value written as a local path (``/``, ``./``,
+        ``../``, ``~``) must exist; raises naming the field (``zoo.<field>``)."""
+        for name in ("base", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            value = getattr(self, name)
+            if value and value != PIXEL:
+                _local_or_hub(name, value)
+        image = self.image_encoder
+        if image.startswith(LOCAL_DIR):
+            _local_or_hub("image_encoder", image[len(LOCAL_DIR) :], must_be_local=True)
+        elif not image.startswith("hf-hub:"):
+            _local_or_hub("image_encoder", image)
+        if self.image_tokens not in ("pooled", "patch"):
+            raise ValueError(f"zoo.image_tokens: must be 'pooled' or 'patch', got {self.image_tokens!r}")
+        _local_or_hub("face_encoder", self.face_encoder, must_be_local=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a local model folder
+_LOCAL_PREFIXES = ("/", "./", "../", "~")
+
+
+def looks_local(value: str) -> bool:
+    """True for values written as filesystem paths rather than hub names (``org/name``)."""
+    return value.startswith(_LOCAL_PREFIXES) or value in (".", "..")
+
+
+def _local_or_hub(field_name: str, value: str, must_be_local: bool = False) -> str:
+    """The expanded path when ``value`` exists locally; ``value`` itself when it is a hub name.
+
+    A value that looks like a local path but does not exist is reported as a missing path (not as a
+    hub error from a later download attempt).
+    """
+    path = Path(value).expanduser()
+    if path.exists():
+        return str(path)
+    if must_be_local or looks_local(value):
+        raise FileNotFoundError(
+            f"zoo.{field_name}: {value} does not exist (a local path, not a hub name); fix the path "
+            "or put the model there (idforge never downloads to a local path)"
+        )
+    return value
 
 
 def load_unet(spec: ZooSpec, **kwargs):

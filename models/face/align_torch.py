@@ -126,22 +126,79 @@ def template_matrix(
     return estimate_similarity_torch(landmarks, tpl.to(landmarks.device))
 
 
+def crop_corners(
+    landmarks: torch.Tensor, out_size: int = 112, template: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, 4, 2) image-pixel coordinates of the aligned crop's outer corners (pixel edges -0.5 and
+    out_size - 0.5 of the crop, mapped back through the inverse similarity): where the crop comes from."""
+    m = invert_affine(template_matrix(landmarks, out_size, template))  # crop -> image
+    lo, hi = -0.5, out_size - 0.5
+    corners = torch.tensor([[lo, lo, 1.0], [hi, lo, 1.0], [hi, hi, 1.0], [lo, hi, 1.0]], dtype=m.dtype)
+    return corners.to(m.device) @ m.transpose(1, 2)  # (B, 4, 2)
+
+
+def minification(landmarks: torch.Tensor, out_size: int = 112, template: torch.Tensor | None = None):
+    """(B,) input pixels per output pixel of the alignment warp (> 1: the warp shrinks the face)."""
+    m = template_matrix(landmarks, out_size, template)
+    return 1.0 / m[:, :, 0].norm(dim=-1).clamp_min(1e-12)  # |(a, b)| = the similarity's scale
+
+
+def _prefiltered(images: torch.Tensor, landmarks: torch.Tensor, factor: torch.Tensor):
+    """Per sample: shrink the image by its minification factor with an antialiased resize (a low-pass
+    prefilter, so the bilinear warp then samples about one input pixel per output pixel) and move
+    its landmarks into the resized image's pixel coordinates."""
+    h, w = images.shape[-2:]
+    out, lms = [], []
+    for img, lm, f in zip(images, landmarks, factor.tolist()):
+        if f <= 1.0:
+            out.append(img[None])
+            lms.append(lm)
+            continue
+        nh, nw = max(1, round(h / f)), max(1, round(w / f))
+        small = F.interpolate(img[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        ratio = torch.tensor([w / nw, h / nh], dtype=lm.dtype, device=lm.device)
+        out.append(small)
+        lms.append((lm + 0.5) / ratio - 0.5)  # pixel centres: old x = (new x + 0.5) * ratio - 0.5
+    return out, torch.stack(lms)
+
+
 def warp_to_template(
     images: torch.Tensor,
     landmarks: torch.Tensor,
     out_size: int = 112,
     template: torch.Tensor | None = None,
     padding_mode: str = "border",
+    antialias: bool = False,
 ) -> torch.Tensor:
     """Align (B, C, H, W) images with their (B, 5, 2) landmarks (pixel coordinates) -> (B, C, out, out).
 
     Differentiable with respect to ``images`` and ``landmarks``; each batch element uses only its
-    own landmarks. ``template`` as in :func:`template_matrix`.
+    own landmarks. ``template`` as in :func:`template_matrix`. ``antialias``: where the warp
+    minifies (a face larger than the crop), prefilter first (an antialiased resize by the
+    minification factor) instead of letting bilinear sampling skip pixels and alias; with it off
+    the result matches ``cv2.warpAffine`` (as insightface's ``norm_crop`` does).
     """
     if images.dim() != 4 or landmarks.shape[0] != images.shape[0]:
         raise ValueError(
             f"warp_to_template: images must be (B, C, H, W) and landmarks (B, 5, 2) with the "
             f"same B, got {tuple(images.shape)} and {tuple(landmarks.shape)}"
         )
-    m = template_matrix(landmarks.to(images.device), out_size, template)
+    landmarks = landmarks.to(images.device)
+    if antialias:
+        factor = minification(landmarks.detach(), out_size, template)
+        if (factor > 1.0).any():
+            small, lms = _prefiltered(images, landmarks, factor)
+            per_sample = template is not None and template.dim() == 3
+            return torch.cat(
+                [
+                    warp_affine(
+                        im,
+                        template_matrix(lms[i : i + 1], out_size, template[i] if per_sample else template),
+                        out_size,
+                        padding_mode,
+                    )
+                    for i, im in enumerate(small)
+                ]
+            )  # (B, C, out, out)
+    m = template_matrix(landmarks, out_size, template)
     return warp_affine(images, m, out_size, padding_mode)

@@ -218,3 +218,29 @@ def test_save_and_load_round_trip(tmp_path, variant):
     assert (x.id_tokens is None) == (variant != "decoupled")
     if variant == "decoupled":
         assert torch.equal(x.id_tokens, y.id_tokens)
+
+
+def test_text_start_gives_the_text_states_at_step_zero_and_learns_from_the_first_step():
+    torch.manual_seed(0)
+    adapter = DiffIDAdapter(
+        arcface_dim=12,
+        clip_dim=8,
+        text_dim=16,
+        cross_attention_dim=16,
+        text_start=True,
+        final_activation=False,
+    )
+    e_arc, e_i, e_t = torch.randn(2, 12), torch.randn(2, 8), torch.randn(2, 5, 16)
+    ctx = adapter(e_arc, e_i, e_t).context
+    n_id = adapter.num_identity_tokens()
+    assert ctx.shape == (2, n_id + 5, 16)
+    assert torch.equal(ctx[:, n_id:], e_t) and torch.equal(ctx[:, :n_id], torch.zeros(2, n_id, 16))
+    ctx.pow(2).sum().backward()
+    assert adapter.mlp.fc2.weight.grad.abs().sum() > 0  # the zero output layer trains at once
+    paper = DiffIDAdapter(arcface_dim=12, clip_dim=8, text_dim=16, cross_attention_dim=16)
+    assert not torch.allclose(paper(e_arc, e_i, e_t).context[:, n_id:], e_t)  # the paper replaces e_t
+
+
+def test_text_start_refuses_a_final_relu():
+    with pytest.raises(ValueError, match="text_start: needs adapter.final_activation: false"):
+        DiffIDAdapter(arcface_dim=12, clip_dim=8, text_dim=16, cross_attention_dim=16, text_start=True)

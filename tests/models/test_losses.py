@@ -145,31 +145,30 @@ def test_no_sample_selected_gives_a_zero_loss_that_still_backpropagates():
 
 
 def _centred(size):
-    """Landmarks and a box of a face in the middle of a size x size image."""
+    """Landmarks of a face in the middle of a size x size image."""
     shift = torch.tensor([size / 2 - 32.0, size / 2 - 36.0])
-    return LMS + shift, torch.tensor([16.0, 16.0, 48.0, 56.0]).view(2, 2).add(shift).flatten()
+    return LMS + shift
 
 
 def test_face_window_covering_the_latent_equals_full_decode():
     enc = _face_encoder()
     x = _pixels(2)
-    lms = LMS.expand(2, 5, 2)
-    boxes = torch.tensor([[16.0, 16.0, 48.0, 56.0], [0.0, 0.0, 20.0, 20.0]])  # window clamps to the latent
+    lms = torch.stack([LMS, LMS * 0.5])  # the second crop reaches past the top-left corner: clamped
     ref = F.normalize(torch.randn(2, 512), dim=-1)
     t = torch.tensor([10, 20])
     kw = {"x0_hat": x, "decode": lambda z: z, "timesteps": t, "landmarks": lms, "reference_embeds": ref}
     full = IdentityLoss(enc, IdentityLossConfig(latent_scale=1))(**kw)
     for win in (64, 100):
-        out = IdentityLoss(enc, IdentityLossConfig(face_window=win, latent_scale=1))(**kw, boxes=boxes)
+        out = IdentityLoss(enc, IdentityLossConfig(face_window=win, latent_scale=1))(**kw)
         assert torch.allclose(out.loss, full.loss, atol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [1, 2])
-def test_a_face_window_shifts_landmarks_and_sees_the_same_aligned_face(scale):
+@pytest.mark.parametrize("window", ["auto", "fixed"])
+def test_a_face_window_holds_the_whole_crop_and_sees_the_same_aligned_face(scale, window):
     enc = _face_encoder()
-    lat, window = 96 // scale, 72 // scale  # latents per side; images have 96 pixels
-    lms, box = _centred(lat * scale)
-    lms, boxes = lms.expand(2, 5, 2), box.expand(2, 4)
+    lat = 192 // scale  # latents per side; images have 192 pixels, the crop reads ~ 60 of them
+    lms = _centred(lat * scale).expand(2, 5, 2)
 
     def decode(z):  # a "codec" with ``scale`` pixels per latent
         return F.interpolate(z, scale_factor=scale, mode="nearest")
@@ -184,15 +183,59 @@ def test_a_face_window_shifts_landmarks_and_sees_the_same_aligned_face(scale):
         "reference_embeds": ref,
     }
     full = IdentityLoss(enc, IdentityLossConfig(latent_scale=scale))(**kw)
-    win = IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale))(**kw, boxes=boxes)
-    assert torch.allclose(win.id_cosine, full.id_cosine, atol=1e-5)  # the aligned crop lies inside the window
+    loss = IdentityLoss(enc, IdentityLossConfig(face_window="auto", latent_scale=scale))
+    bounds = loss.window_bounds(lms, (lat, lat))
+    need = int((bounds[:, 2:] - bounds[:, :2]).max())
+    side = need if window == "auto" else need + 3
+    cfg = IdentityLossConfig(face_window="auto" if window == "auto" else side, latent_scale=scale)
     decoded = []
-    IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale))(
-        **{**kw, "decode": lambda z: decoded.append(z.shape) or decode(z)}, boxes=boxes
-    )
-    assert decoded == [(2, 3, window, window)]  # only the window is decoded
+    win = IdentityLoss(enc, cfg)(**{**kw, "decode": lambda z: decoded.append(z.shape) or decode(z)})
+    assert torch.allclose(win.id_cosine, full.id_cosine, atol=1e-5)  # the aligned crop lies inside the window
+    assert decoded == [(2, 3, side, side)] and side < lat  # only the window is decoded
     with pytest.raises(ValueError, match="latent_scale"):
-        IdentityLoss(enc, IdentityLossConfig(face_window=window, latent_scale=scale + 1))(**kw, boxes=boxes)
+        IdentityLoss(enc, IdentityLossConfig(face_window=side, latent_scale=scale + 1))(**kw)
+
+
+def test_a_window_that_cuts_the_arcface_crop_is_an_error():
+    """SD1.5 at 512 px with crop_scale 0.8: the ArcFace crop reads ~410 px (51 latents), so the
+    former 32-latent window cut ~60 % of it away."""
+    from idforge.data_pipeline.align import template_for
+
+    lms = torch.as_tensor(template_for(512, 0.8))[None]
+    loss = IdentityLoss(_face_encoder(), IdentityLossConfig(face_window=32, latent_scale=8))
+    bounds = loss.window_bounds(lms, (64, 64))[0]
+    assert (bounds[2:] - bounds[:2]).tolist() == [54, 54]  # 51.2 latents + rounding + 1-latent margins
+    with pytest.raises(ValueError, match=r"identity_loss.face_window: 32 latents cannot hold .* >= 54"):
+        loss(
+            x0_hat=torch.zeros(1, 4, 64, 64),
+            decode=lambda z: F.interpolate(z[:, :3], scale_factor=8),
+            timesteps=torch.tensor([1]),
+            landmarks=lms,
+            reference_embeds=torch.randn(1, 512),
+        )
+
+
+def test_reduced_resolution_decode_halves_the_decoded_size_and_keeps_the_face():
+    enc = _face_encoder()
+    lms = _centred(128).expand(2, 5, 2)
+    x = F.interpolate(_pixels(2, 16), size=128, mode="bilinear")  # smooth: survives halving
+    kw = {
+        "x0_hat": x,
+        "timesteps": torch.tensor([10, 20]),
+        "landmarks": lms,
+        "reference_embeds": F.normalize(torch.randn(2, 512), dim=-1),
+    }
+    shapes = []
+
+    def decode(z):
+        shapes.append(tuple(z.shape))
+        return z
+
+    full = IdentityLoss(enc, IdentityLossConfig(latent_scale=1))(**kw, decode=decode)
+    half = IdentityLoss(enc, IdentityLossConfig(latent_scale=1, decode_scale=0.5))(**kw, decode=decode)
+    assert shapes == [(2, 3, 128, 128), (2, 3, 64, 64)]
+    assert torch.allclose(half.id_cosine, full.id_cosine, atol=0.02)
+    assert not torch.allclose(half.id_cosine, full.id_cosine, atol=1e-6)
 
 
 def _tiny_models():
@@ -202,7 +245,7 @@ def _tiny_models():
     return unet, VaeCodec(vae, sample_posterior=False), _face_encoder(), adapter
 
 
-@pytest.mark.parametrize("checkpoint_decoder,face_window", [(False, None), (True, 6)])
+@pytest.mark.parametrize("checkpoint_decoder,face_window", [(False, None), (True, "auto")])
 def test_gradient_reaches_unet_and_adapter_but_not_vae_or_arcface(checkpoint_decoder, face_window):
     unet, codec, enc, adapter = _tiny_models()
     frozen = list(codec.parameters()) + list(enc.parameters())
@@ -230,7 +273,6 @@ def test_gradient_reaches_unet_and_adapter_but_not_vae_or_arcface(checkpoint_dec
         timesteps=t,
         landmarks=(LMS / 4).expand(2, 5, 2),
         reference_embeds=F.normalize(torch.randn(2, 512, generator=g), dim=-1),
-        boxes=torch.tensor([[4.0, 4.0, 12.0, 14.0]]).expand(2, 4),
     )
     assert out.num_used == 2 and out.loss > 0
     out.loss.backward()
@@ -260,14 +302,10 @@ def test_config_validation_and_errors():
         IdentityLossConfig(max_timestep=2000)
     with pytest.raises(ValueError, match="latent_scale"):
         IdentityLossConfig(face_window=32, latent_scale=None)
-    with pytest.raises(ValueError, match="boxes"):
-        IdentityLoss(_face_encoder(), IdentityLossConfig(face_window=8, latent_scale=1))(
-            x0_hat=torch.zeros(1, 3, 32, 32),
-            decode=lambda z: z,
-            timesteps=torch.tensor([1]),
-            landmarks=LMS[None] / 2,
-            reference_embeds=torch.randn(1, 512),
-        )
+    with pytest.raises(ValueError, match="face_window"):
+        IdentityLossConfig(face_window="whole")
+    with pytest.raises(ValueError, match="decode_scale"):
+        IdentityLossConfig(decode_scale=2.0)
 
 
 def test_samples_without_identity_input_get_no_identity_term():
