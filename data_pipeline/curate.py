@@ -25,7 +25,8 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,18 @@ class _Unit:
         fsync_path(self.tmp)
 
 
+def _prefetch(pool: ThreadPoolExecutor, fn, items: list, window: int):
+    """(item, future of fn(item)) in order, with at most ``window`` calls submitted ahead: the pool
+    decodes the next images while the caller's detector works on the current batch."""
+    ahead: deque = deque()
+    for item in items:
+        ahead.append((item, pool.submit(fn, item)))
+        if len(ahead) > window:
+            yield ahead.popleft()
+    while ahead:
+        yield ahead.popleft()
+
+
 def process_unit(cfg: CurateConfig, unit: int, items: list[SourceItem] | None = None) -> Path:
     """Run stage 1 on one unit and commit it atomically; returns the unit folder. ``cfg`` must be
     resolved (:func:`resolve_config`) and ``items`` in listing order (:func:`commit_listing`)."""
@@ -215,18 +228,24 @@ def process_unit(cfg: CurateConfig, unit: int, items: list[SourceItem] | None = 
                 out.fail(it.key, exc)
         decoded.clear()
 
+    def load(item: SourceItem) -> np.ndarray:
+        item.load_meta()
+        return decode_image(item.read(), item.key, cfg.max_pixels)
+
+    todo = []
     for i in span:
-        item = items[i]
-        if item.reject:
-            out.rejected[item.key] = item.reject
-            continue
-        try:
-            item.load_meta()
-            decoded.append((item, decode_image(item.read(), item.key, cfg.max_pixels)))
-        except Exception as exc:  # noqa: BLE001 - counted, the job goes on
-            out.fail(item.key, exc)
-        if len(decoded) >= cfg.detect_batch_size:
-            flush()
+        if items[i].reject:
+            out.rejected[items[i].key] = items[i].reject
+        else:
+            todo.append(items[i])
+    with ThreadPoolExecutor(cfg.decode_threads) as pool:
+        for item, future in _prefetch(pool, load, todo, window=2 * cfg.detect_batch_size):
+            try:
+                decoded.append((item, future.result()))
+            except Exception as exc:  # noqa: BLE001 - counted, the job goes on
+                out.fail(item.key, exc)
+            if len(decoded) >= cfg.detect_batch_size:
+                flush()
     if decoded:
         flush()
     out.write()

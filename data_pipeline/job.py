@@ -99,6 +99,10 @@ class CurateConfig:
     jpeg_quality: int = 95
     detect_batch_size: int = 32
     """Decoded images handed to the detector at once (insightface runs them as one batch)."""
+    decode_threads: int = 4
+    """Threads that read and decode the next images while the detector works on the current batch
+    (file reads and JPEG decoding release the GIL, so the detector, on the GPU, does not wait on one
+    CPU thread). 1: no prefetch."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     filters: FilterConfig = field(default_factory=FilterConfig)
     occlusion_model: str | None = None
@@ -143,10 +147,11 @@ class CurateConfig:
             or self.resolution < 16
             or self.max_group_size < 1
             or self.detect_batch_size < 1
+            or self.decode_threads < 1
             or self.heldout < 0
         ):
             raise ValueError(
-                "unit_size, max_group_size, detect_batch_size must be >= 1, heldout >= 0 and resolution >= 16"
+                "unit_size, max_group_size, detect_batch_size, decode_threads must be >= 1, heldout >= 0 and resolution >= 16"
             )
         if self.rank is None or self.world_size is None:
             rank, world = env_rank_world()
