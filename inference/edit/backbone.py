@@ -84,7 +84,11 @@ class EditBackbone(ABC):
         """One deterministic step of z from level ``a`` to the adjacent level ``b`` (up or down)."""
 
     @abstractmethod
-    def training_loss(self, z0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+    def draw_noise(self, n: int, shape, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training objective's random draw for ``n`` samples: (t (n,), noise (n, *shape))."""
+
+    @abstractmethod
+    def training_loss(self, z0: torch.Tensor, cond, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """The backbone's own objective on the batch z0 (n, C, h, w) with one conditioning."""
 
     # ---------------------------------------------------------------------------- shared
@@ -177,10 +181,12 @@ class FlowBackbone(EditBackbone):
         v = self._velocity(z, levels[a], cond)
         return (z.float() + (levels[b] - levels[a]) * v.float()).to(z.dtype)
 
-    def training_loss(self, z0, cond, generator):
+    def draw_noise(self, n, shape, generator):
+        return torch.sigmoid(torch.randn(n, generator=generator)), torch.randn(n, *shape, generator=generator)
+
+    def training_loss(self, z0, cond, t, eps):
         n = z0.shape[0]
-        t = torch.sigmoid(torch.randn(n, generator=generator)).to(z0.device)  # logit-normal(0, 1)
-        eps = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+        t, eps = t.to(z0.device), eps.to(z0.device, z0.dtype)  # t ~ logit-normal(0, 1)
         tt = t.view(n, 1, 1, 1).to(z0.dtype)
         zt = (1 - tt) * z0 + tt * eps  # linear interpolant
         v = self._velocity(zt, t, cond)
@@ -273,10 +279,13 @@ class UNetBackbone(EditBackbone):
             x0 = (zf - (1 - aa).sqrt() * eps) / aa.sqrt()
         return (ab.sqrt() * x0 + (1 - ab).sqrt() * eps).to(z.dtype)
 
-    def training_loss(self, z0, cond, generator):
-        n = z0.shape[0]
+    def draw_noise(self, n, shape, generator):
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
-        eps = torch.randn(z0.shape, generator=generator).to(z0.device, z0.dtype)
+        return t, torch.randn(n, *shape, generator=generator)
+
+    def training_loss(self, z0, cond, t, eps):
+        n = z0.shape[0]
+        eps = eps.to(z0.device, z0.dtype)
         a = self.alphas_cumprod[t].view(n, 1, 1, 1).to(z0.device, z0.dtype)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         target = a.sqrt() * eps - (1 - a).sqrt() * z0 if self.prediction_type == "v_prediction" else eps

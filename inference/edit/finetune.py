@@ -101,9 +101,13 @@ def finetune(backbone, z0: torch.Tensor, prompt: str, cfg: FinetuneConfig, progr
         for step in range(cfg.steps):
             opt.zero_grad(set_to_none=True)
             total, done = 0.0, 0
+            t_all, eps_all = backbone.draw_noise(
+                cfg.grad_accum, z0.shape[1:], gen
+            )  # the same draws however batched
             while done < cfg.grad_accum:
                 n = min(cfg.micro_batch, cfg.grad_accum - done)
-                loss = backbone.training_loss(z0.expand(n, *z0.shape[1:]), cond, gen)
+                sl = slice(done, done + n)
+                loss = backbone.training_loss(z0.expand(n, *z0.shape[1:]), cond, t_all[sl], eps_all[sl])
                 (loss * (n / cfg.grad_accum)).backward()
                 total += float(loss.detach()) * n
                 done += n
