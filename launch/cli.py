@@ -83,6 +83,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command("idforge.launch.eval_cmd:evaluate", "FS table of an exported model on held-out shards"),
     "morph": Command("idforge.launch.morph_cmd:morph", "frames morphing one person into another"),
+    "edit": Command(
+        "idforge.launch.edit_cmd:edit", "edit a photo: fine-tune, invert, attention mask, masked denoising"
+    ),
     "convert-onnx": Command(
         "idforge.launch.convert_cmd:convert_onnx",
         "convert an insightface recognition .onnx into a torch face-encoder folder",

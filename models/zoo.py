@@ -425,3 +425,177 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     else:
         built = build_tiny(root, TinyConfig(codec=codec))
     return ZooSpec(**{**built.to_dict(), "image_tokens": spec.image_tokens})
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny SD3 (rectified flow; the FlowID / FINEdits backbone), for the edit path's tests.
+
+SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+@dataclass
+class TinySD3Config:
+    """Sizes of a tiny random-weight SD3 (``SD3Transformer2DModel`` + ``AutoencoderKL`` + two CLIP
+    text encoders with projection + a T5 encoder with an offline sentencepiece-style tokenizer)."""
+
+    resolution: int = 32
+    """Pixels; the VAE downsamples 2x and the transformer patches 2x2, so 8 x 8 image tokens."""
+    layers: int = 2
+    heads: int = 2
+    head_dim: int = 8
+    text_hidden: int = 16
+    """Width of each CLIP encoder; their pooled projections concatenate to ``2 * text_hidden``."""
+    joint_attention_dim: int = 32
+    """T5 width = width the CLIP states are zero-padded to; must be >= ``2 * text_hidden``."""
+    latent_channels: int = 4
+    t5: bool = True
+    seed: int = 0
+    words: list[str] | None = field(default=None)
+
+    def __post_init__(self):
+        if self.joint_attention_dim < 2 * self.text_hidden:
+            raise ValueError(
+                f"TinySD3Config.joint_attention_dim {self.joint_attention_dim} < 2 * text_hidden "
+                f"{2 * self.text_hidden}: SD3 pads the CLIP states up to the T5 width; raise it"
+            )
+
+
+def _write_t5_tokenizer(words: list[str], folder: Path) -> None:
+    """A T5-format (sentencepiece Unigram, ``▁`` word marker, ``</s>`` appended) fast tokenizer built
+    offline with the ``tokenizers`` library: every listed word is one piece, other text falls back to
+    characters. Saved as ``tokenizer.json`` so ``T5TokenizerFast.from_pretrained`` loads it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789'.,-"))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars]
+    seen, vocab = set(), []
+    for p, s in pieces:
+        if p not in seen:
+            seen.add(p)
+            vocab.append((p, s))
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = T5TokenizerFast(
+        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    )
+    fast.model_max_length = 77
+    fast.save_pretrained(folder)
+
+
+def build_tiny_sd3(folder: str | Path, config: TinySD3Config | None = None) -> Path:
+    """Write a random-weight SD3 pipeline folder (``StableDiffusion3Pipeline.from_pretrained`` loads it).
+
+    Same layout as ``stabilityai/stable-diffusion-3-medium-diffusers``: ``transformer/ vae/
+    text_encoder/ text_encoder_2/ text_encoder_3/ tokenizer/ tokenizer_2/ tokenizer_3/ scheduler/``
+    (``text_encoder_3``/``tokenizer_3`` omitted when ``t5=False``, which diffusers supports).
+    """
+    import diffusers
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from .tiny_tokenizer import DEFAULT_WORDS, build_clip_bpe
+
+    cfg = config or TinySD3Config()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    words = list(cfg.words or DEFAULT_WORDS)
+    torch.manual_seed(cfg.seed)
+    SD3Transformer2DModel(
+        sample_size=cfg.resolution // 2,
+        patch_size=2,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        num_layers=cfg.layers,
+        attention_head_dim=cfg.head_dim,
+        num_attention_heads=cfg.heads,
+        joint_attention_dim=cfg.joint_attention_dim,
+        caption_projection_dim=cfg.heads * cfg.head_dim,
+        pooled_projection_dim=2 * cfg.text_hidden,
+        pos_embed_max_size=cfg.resolution,
+    ).save_pretrained(folder / "transformer")
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=8,
+        layers_per_block=1,
+        shift_factor=0.0609,
+        scaling_factor=1.5305,
+    ).save_pretrained(folder / "vae")
+    vocab, merges = build_clip_bpe(words)
+    for suffix in ("", "_2"):
+        tok_dir = folder / f"tokenizer{suffix}"
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+        (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        CLIPTokenizer(
+            vocab=str(tok_dir / "vocab.json"), merges=str(tok_dir / "merges.txt"), model_max_length=77
+        ).save_pretrained(tok_dir)
+        CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(vocab),
+                hidden_size=cfg.text_hidden,
+                intermediate_size=cfg.text_hidden * 2,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=cfg.text_hidden,
+                bos_token_id=vocab["<|startoftext|>"],
+                eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            )
+        ).save_pretrained(folder / f"text_encoder{suffix}")
+    if cfg.t5:
+        _write_t5_tokenizer(words, folder / "tokenizer_3")
+        n_vocab = len(json.loads((folder / "tokenizer_3" / "tokenizer.json").read_text())["model"]["vocab"])
+        T5EncoderModel(
+            T5Config(
+                vocab_size=n_vocab,
+                d_model=cfg.joint_attention_dim,
+                d_kv=8,
+                d_ff=cfg.joint_attention_dim * 2,
+                num_layers=2,
+                num_heads=2,
+                pad_token_id=0,
+                eos_token_id=1,
+            )
+        ).save_pretrained(folder / "text_encoder_3")
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0).save_pretrained(folder / "scheduler")
+    t5 = ["transformers", "T5EncoderModel"] if cfg.t5 else [None, None]
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusion3Pipeline",
+                "_diffusers_version": diffusers.__version__,
+                "transformer": ["diffusers", "SD3Transformer2DModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "text_encoder_3": t5,
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "tokenizer_3": ["transformers", "T5TokenizerFast"] if cfg.t5 else [None, None],
+                "image_encoder": [None, None],
+                "feature_extractor": [None, None],
+            },
+            indent=2,
+        )
+    )
+    log.info("wrote tiny SD3 to %s", folder)
+    return folder

@@ -1,0 +1,80 @@
+"""`idforge edit` on an `idforge export` folder and a tiny SD3: files, marker, no GPS, presets, batch."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from idforge.inference.edit.output import GPS_IFD, MARKER, MARKER_KEY
+from idforge.launch.cli import main
+from idforge.launch.edit_cmd import edit
+from PIL import Image
+
+CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs" / "edit").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_edit_configs_name_only_edit_options(path):
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys <= set(inspect.signature(edit).parameters), keys - set(inspect.signature(edit).parameters)
+
+
+def _photo_with_gps(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "TestCam"  # Make
+    exif[GPS_IFD] = {1: "N", 2: (52.0, 31.0, 12.0)}
+    img.save(path, exif=exif)
+    assert GPS_IFD in Image.open(path).getexif()
+    return path
+
+
+def test_edit_command_on_an_exported_folder_writes_a_marked_edit_and_its_mask(tiny_export_dir, tmp_path):
+    photo = _photo_with_gps(tmp_path / "x.jpg")
+    out = tmp_path / "out"
+    rc = main([
+        "edit", "--config", str(Path(CONFIGS[0]).parent / "tiny.yaml"), "--model", str(tiny_export_dir),
+        "--image", str(photo), "--out", str(out), "--source", "a person's face with red hair",
+        "--target", "a person's face with blond hair", "--concept", "red hair", "--preset", "hair_color",
+    ])  # fmt: skip
+    assert rc == 0
+    edited, mask = Image.open(out / "edited.png"), Image.open(out / "mask.png")
+    assert edited.size == (32, 32) and mask.size == (32, 32)
+    assert edited.text[MARKER_KEY] == MARKER
+    info = json.loads(edited.text["idforge:edit"])
+    assert info["strength"] == 0.92 and info["kernel"] == 15 and info["finetune_steps"] == 2
+    exif = edited.getexif()
+    assert GPS_IFD not in exif and exif[0x010F] == "TestCam" and exif[0x010E] == MARKER
+    assert set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+def test_edit_command_batch_and_sequential_edits_on_sd3(tiny_sd3_dir, tmp_path):
+    _photo_with_gps(tmp_path / "a.png")
+    rows = [
+        {"image": "a.png", "source": "a person's face with red hair", "target": "a person's face",
+         "concept": "red hair", "then": [{"target": "a person's face with a hat", "concept": "hat",
+                                          "mode": "addition"}]},
+        {"image": "a.png", "source": "a person's face", "target": "a person's face", "strength": 0.5},
+    ]  # fmt: skip
+    batch = tmp_path / "edits.jsonl"
+    batch.write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "out"
+    rc = main(["edit", "--model", str(tiny_sd3_dir), "--batch", str(batch), "--out", str(out),
+               "--steps", "6", "--finetune_steps", "1", "--grad_accum", "2"])  # fmt: skip
+    assert rc == 0
+    assert {p.name for p in (out / "0000").iterdir()} == {
+        "edit_00_edited.png", "edit_00_mask.png", "edit_01_edited.png", "edit_01_mask.png"
+    }  # fmt: skip
+    assert {p.name for p in (out / "0001").iterdir()} == {"edited.png"}  # no concept: no mask
+    second = json.loads(Image.open(out / "0000" / "edit_01_edited.png").text["idforge:edit"])
+    assert second["source"] == "a person's face" and second["mode"] == "addition"
+
+
+def test_edit_command_errors_name_the_option(tmp_path, capsys):
+    assert main(["edit", "--model", str(tmp_path / "nope"), "--image", "x.jpg"]) != 0
+    assert "--model" in capsys.readouterr().err
