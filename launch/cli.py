@@ -81,7 +81,9 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(
         "idforge.launch.generate_cmd:generate", "generate images of a reference face's identity"
     ),
-    "eval": Command("idforge.launch.eval_cmd:evaluate", "FS table of an exported model on held-out shards"),
+    "eval": Command(
+        "idforge.launch.eval_cmd:evaluate", "score a model or an image folder with a protocol (diffid, flashface)"
+    ),
     "morph": Command("idforge.launch.morph_cmd:morph", "frames morphing one person into another"),
     "convert-onnx": Command(
         "idforge.launch.convert_cmd:convert_onnx",
