@@ -16,7 +16,9 @@ def test_frechet_distance_matches_scipy_reference():
     from scipy import linalg
 
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(
+        6, 6, generator=g, dtype=torch.float64
+    )
     b = torch.randn(300, 6, generator=g, dtype=torch.float64) * 1.5 + 0.7
     mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
     s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
@@ -30,7 +32,7 @@ def test_cmmd_matches_direct_unbiased_estimator():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 5, generator=g, dtype=torch.float64) * 8
     y = torch.randn(5, 5, generator=g, dtype=torch.float64) * 8 + 3
-    k = lambda u, v: math.exp(-float(((u - v) ** 2).sum()) / (2 * 10.0**2))  # noqa: E731
+    k = lambda u, v: math.exp(-float(((u - v) ** 2).sum()) / (2 * 10.0**2))
     n, m = len(x), len(y)
     xx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
