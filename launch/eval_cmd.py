@@ -178,6 +178,7 @@ def evaluate(
         "identities": len(split.identities),
         "identities_skipped": split.skipped,
         "steps": proto.steps,
+        "sampling_steps": proto.steps,
         "guidance_scale": proto.guidance,
         "seed": proto.seed,
         "rows": rows,
