@@ -82,7 +82,8 @@ COMMANDS: dict[str, Command] = {
         "idforge.launch.generate_cmd:generate", "generate images of a reference face's identity"
     ),
     "eval": Command(
-        "idforge.launch.eval_cmd:evaluate", "score a model or an image folder with a protocol (diffid, flashface)"
+        "idforge.launch.eval_cmd:evaluate",
+        "score a model or an image folder with a protocol (diffid, flashface)",
     ),
     "morph": Command("idforge.launch.morph_cmd:morph", "frames morphing one person into another"),
     "convert-onnx": Command(

@@ -51,6 +51,7 @@ def evaluate(
     clip: str | None = None,
     fid_features: str | None = None,
     detector: str = "template",
+    batch_size: int = 8,
 ) -> int:
     """Score an exported model (or a folder of images) with an evaluation protocol.
 
@@ -72,6 +73,7 @@ def evaluate(
             FID/FIQ skipped without it.
         detector: how faces in scored images are located: `template` (the aligned-crop template, every
             image counts as detected), `insightface` or `dlib` (undetected faces are counted).
+        batch_size: images per sampling batch.
     """
     from idforge.data_pipeline.align import template_for
     from idforge.eval.features import FeatureCache, load_fid_features
