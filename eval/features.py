@@ -33,7 +33,7 @@ def _inception(path: str) -> FeatureFn:
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("inception FID features need torch-fidelity: pip install torch-fidelity") from e
+        raise ImportError("inception FID features need torch-fidelity: pip install 'idforge[fid]'") from e
     net = NoTrainInceptionV3(
         name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(p)
     ).eval()
