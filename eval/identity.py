@@ -29,3 +29,50 @@ def embed_faces(
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity of (N, D) embeddings."""
     return (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+
+
+def load_judge(path) -> tuple[torch.nn.Module, str]:
+    """(face encoder, its name) for ``--judge``: an idforge face-encoder folder, an arcface_torch
+    ``backbone.pth`` or an insightface recognition ``.onnx``, all through ``FaceEncoder.from_pretrained``."""
+    from pathlib import Path
+
+    from idforge.models.face.face_encoder import FaceEncoder
+
+    p = Path(path).expanduser()
+    return FaceEncoder.from_pretrained(p).eval(), str(p)
+
+
+@torch.no_grad()
+def embed_generated(
+    face_encoder: torch.nn.Module,
+    images: torch.Tensor,
+    detector=None,
+    template_landmarks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (N, D) of generated images with NaN rows where no face was found, and the mask.
+
+    With a ``detector`` (:class:`idforge.data_pipeline.detect.Detector`) each image's largest face
+    gives the landmarks; an image with none is counted as undetected (never silently dropped).
+    Without one, ``template_landmarks`` (5, 2) are used for every image (models trained on aligned
+    crops generate aligned faces) and every image counts as detected.
+    """
+    n = images.shape[0]
+    if detector is None:
+        if template_landmarks is None:
+            raise ValueError("embed_generated needs a detector or template landmarks")
+        lms = template_landmarks.float().expand(n, 5, 2)
+        return embed_faces(face_encoder, images, lms), torch.ones(n, dtype=torch.bool)
+    u8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    dets = detector.detect_batch(list(u8))
+    found = torch.tensor([len(d) > 0 for d in dets], dtype=torch.bool)
+    if found.any():
+        lms = torch.stack(
+            [torch.as_tensor(max(d, key=lambda f: f.area).landmarks) for d in dets if len(d) > 0]
+        )
+        emb = embed_faces(face_encoder, images[found], lms)
+        out = torch.full((n, emb.shape[1]), float("nan"))
+        out[found] = emb.cpu()
+    else:
+        size = getattr(face_encoder, "embedding_size", 512)
+        out = torch.full((n, int(size)), float("nan"))
+    return out, found

@@ -81,7 +81,10 @@ COMMANDS: dict[str, Command] = {
     "generate": Command(
         "idforge.launch.generate_cmd:generate", "generate images of a reference face's identity"
     ),
-    "eval": Command("idforge.launch.eval_cmd:evaluate", "FS table of an exported model on held-out shards"),
+    "eval": Command(
+        "idforge.launch.eval_cmd:evaluate",
+        "score a model or an image folder with a protocol (diffid, flashface)",
+    ),
     "morph": Command("idforge.launch.morph_cmd:morph", "frames morphing one person into another"),
     "edit": Command(
         "idforge.launch.edit_cmd:edit", "edit a photo: fine-tune, invert, attention mask, masked denoising"
