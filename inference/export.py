@@ -58,18 +58,24 @@ def pipeline_from_generator(
                 "pipeline_from_generator: the generator has no zoo_spec to read its CLIP config from"
             )
         image_encoder = ImageEncoderModel.from_encoder(model.image_encoder, spec.image_encoder)
-    return IdentityPipeline(
+    adapter = (
+        IdentityAdapterModel.from_parts(model.adapter, model.unet) if model.adapter is not None else None
+    )
+    pipe = IdentityPipeline(
         vae=model.codec.vae if isinstance(model.codec, VaeCodec) else None,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
         scheduler=make_scheduler(scheduler, model.scheduler.config),
-        adapter=IdentityAdapterModel.from_parts(model.adapter, model.unet),
+        adapter=adapter,
         image_encoder=image_encoder,
         face_encoder=FaceEncoderModel.from_encoder(model.face_encoder),
         resolution=resolution,
         crop_scale=crop_scale,
     )
+    if getattr(model, "reference_net", None) is not None:
+        pipe.set_reference_net(model.reference_net, model.face_mask, model.reference_size)
+    return pipe
 
 
 def generator_from_pipeline(pipe: IdentityPipeline) -> IdentityGenerator:
@@ -84,9 +90,12 @@ def generator_from_pipeline(pipe: IdentityPipeline) -> IdentityGenerator:
         pipe.tokenizer,
         pipe.image_encoder.encoder,
         pipe.face_encoder.encoder,
-        pipe.adapter.adapter,
+        pipe.adapter.adapter if pipe.adapter is not None else None,
         DDPMScheduler.from_config(pipe.scheduler.config),
         train_unet=False,
+        reference_net=pipe.reference_net,
+        face_mask=pipe.face_mask,
+        reference_size=pipe.reference_size,
     )
     gen.image_encoder_model = pipe.image_encoder
     return gen.eval()
@@ -197,7 +206,7 @@ def export_generator(
     crop_scale = float(extra.get("crop_scale", 1.0))
     pipe = pipeline_from_generator(model, resolution, crop_scale=crop_scale, scheduler=scheduler)
     pipe.save_pretrained(out)
-    variant = pipe.adapter.variant
+    variant = pipe.adapter.variant if pipe.adapter is not None else "referencenet"
     if (
         variant == "decoupled"
         and pipe.adapter.adapter.norm_input is None

@@ -21,6 +21,15 @@ the branches that have a non-zero weight into ONE UNet call per step and combine
 else of the stock loop changes. The null identity is the adapter applied to zeroed embeddings, the
 input identity dropout trains.
 
+ReferenceNet generators (FlashFace sec. 3.3, SPEC.md sec. 3): given ``reference_images``, the
+ReferenceNet encodes them ONCE per generation (it sees a fixed timestep, so its features do not depend
+on the step) and every step runs the three branches [none | text | text&ref] in one UNet call,
+combined by eq. (3) with lambda_text = ``guidance_scale`` (7.5) and lambda_ref = ``reference_guidance_scale``
+(2.0); ``lambda_feat`` (0.85) blends the reference attention with the plain one (eq. (2)). The
+ReferenceNet is saved beside the components in ``reference_net/`` (not a diffusers component: it is
+attached to the main UNet's processors) and loaded back by :meth:`IdentityPipeline.from_pretrained`.
+``adapter=None`` is the ReferenceNet-only generator (the UNet attends to the text states).
+
 Pixel-space models (no VAE; the built-in demo) run the same path with ``vae=None``: the stock loop
 returns its "latents" (pixels), which are post-processed like decoded images.
 """
@@ -39,6 +48,13 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from idforge.models.attention import PassThroughAttnProcessor, iter_attention_layers, processor_key
+from idforge.models.face_mask import box_mask, face_mask_input
+from idforge.models.guidance import LAMBDA_REF
+from idforge.models.referencenet import ReferenceNet
+
+REFERENCE_DIR = "reference_net"
+REFERENCE_INPUT = "reference_input.json"
+LAMBDA_FEAT = 0.85
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +123,7 @@ class IdentityPipeline(StableDiffusionPipeline):
     """Stable Diffusion with identity conditioning (see the module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->image_encoder->face_encoder->adapter->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["vae", "safety_checker", "feature_extractor"]
+    _optional_components: ClassVar[list[str]] = ["vae", "adapter", "safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload: ClassVar[list[str]] = ["safety_checker"]
 
     def __init__(
@@ -142,10 +158,39 @@ class IdentityPipeline(StableDiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=scale)
         self.safety_checker = None
         self.feature_extractor = None
+        self.reference_net: ReferenceNet | None = None
+        self.face_mask, self.reference_size = "none", 224
         self._install_identity_processors()
 
     # ------------------------------------------------------------------ components
+    def set_reference_net(
+        self, reference_net: ReferenceNet, face_mask: str = "none", reference_size: int = 224
+    ):
+        """Use ``reference_net`` (already attached to ``self.unet``) for ``reference_images``."""
+        self.reference_net, self.face_mask, self.reference_size = (
+            reference_net,
+            face_mask,
+            int(reference_size),
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loading, then the ReferenceNet of ``reference_net/`` when the folder has one."""
+        import json
+        from pathlib import Path
+
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = Path(pretrained_model_name_or_path) / REFERENCE_DIR
+        if folder.is_dir():
+            ref = ReferenceNet.from_pretrained(folder, pipe.unet)
+            opts = json.loads((folder / REFERENCE_INPUT).read_text())
+            ref.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+            pipe.set_reference_net(ref, opts["face_mask"], opts["image_size"])
+        return pipe
+
     def _install_identity_processors(self) -> None:
+        if self.adapter is None:
+            return
         procs = self.adapter.processors
         if not len(procs):
             return
@@ -161,7 +206,15 @@ class IdentityPipeline(StableDiffusionPipeline):
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' ``save_pretrained`` (safetensors); the UNet is written with stock processors so
         ``UNet2DConditionModel.from_pretrained`` loads it; identity processors live in ``adapter/``."""
+        import json
+        from pathlib import Path
+
         procs = self.unet.attn_processors
+        if self.reference_net is not None:  # reference processors' weights, read before they are swapped
+            self.reference_net.save_pretrained(Path(save_directory) / REFERENCE_DIR, self.unet)
+            (Path(save_directory) / REFERENCE_DIR / REFERENCE_INPUT).write_text(
+                json.dumps({"face_mask": self.face_mask, "image_size": self.reference_size})
+            )
         self.unet.set_attn_processor(AttnProcessor2_0())
         try:
             kwargs.setdefault("safe_serialization", True)
@@ -220,6 +273,8 @@ class IdentityPipeline(StableDiffusionPipeline):
 
         ``adapter_scale`` scales the identity embeddings (context-replacing variants) or the
         identity attention (``decoupled``: ``id_scale``)."""
+        if self.adapter is None:  # ReferenceNet only: the text states are the context
+            return text_states, None
         decoupled = self.adapter.variant == "decoupled"
         ident = identity if decoupled else identity.scaled(adapter_scale)
         device = text_states.device
@@ -228,9 +283,18 @@ class IdentityPipeline(StableDiffusionPipeline):
 
     # ------------------------------------------------------------------ guidance on the stock loop
     @contextmanager
-    def _guided_unet(self, branches: list[tuple[float, torch.Tensor, torch.Tensor | None]], id_scale: float):
+    def _guided_unet(
+        self,
+        branches: list[tuple[float, torch.Tensor, torch.Tensor | None]],
+        id_scale: float,
+        reference=None,
+        mask_channels: torch.Tensor | None = None,
+    ):
         """Hooks that turn each stock UNet call into one batched call over ``branches``
-        ((weight, context, id_tokens)) and return the weighted sum of their predictions."""
+        ((weight, context, id_tokens)) and return the weighted sum of their predictions.
+
+        ``reference``: ReferenceFeatures for the k*B batch (cached once); ``mask_channels``
+        (k*B, e, h, w) the face-mask channels appended to the sample."""
         weights = [w for w, _, _ in branches]
         context = torch.cat([c for _, c, _ in branches])  # (k*B, L, C)
         id_tokens = None
@@ -242,12 +306,17 @@ class IdentityPipeline(StableDiffusionPipeline):
             sample, t = args[0], args[1] if len(args) > 1 else kwargs.pop("timestep")
             kwargs = dict(kwargs)
             kwargs["encoder_hidden_states"] = context.to(sample.dtype)
+            extra = {}
             if id_tokens is not None:
-                kwargs["cross_attention_kwargs"] = {
-                    "id_tokens": id_tokens.to(sample.dtype),
-                    "id_scale": id_scale,
-                }
-            return (torch.cat([sample] * k), t), kwargs
+                extra = {"id_tokens": id_tokens.to(sample.dtype), "id_scale": id_scale}
+            if reference is not None:
+                extra["reference"] = reference
+            if extra:
+                kwargs["cross_attention_kwargs"] = extra
+            x = torch.cat([sample] * k)
+            if mask_channels is not None:
+                x = torch.cat([x, mask_channels.to(x.dtype)], dim=1)  # (k*B, c + e, h, w)
+            return (x, t), kwargs
 
         def hook(module, args, kwargs, output):
             pred = output[0] if isinstance(output, tuple) else output.sample
@@ -283,6 +352,10 @@ class IdentityPipeline(StableDiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        reference_images: torch.Tensor | None = None,
+        reference_guidance_scale: float = LAMBDA_REF,
+        lambda_feat: float = LAMBDA_FEAT,
+        face_box: torch.Tensor | None = None,
     ):
         """Generate images of ``identity`` (or of the aligned ``references`` (N, 3, H, W) in [-1, 1],
         one person) for each prompt.
@@ -297,7 +370,19 @@ class IdentityPipeline(StableDiffusionPipeline):
             adapter_scale: identity strength (0: the null identity).
             latents: start from this z_T (B * num_images_per_prompt, C, h, w) (morphing).
             output_type: ``pil``, ``np``, ``pt`` (images in [0, 1]) or ``latent``.
+            reference_images: (N, 3, H, W) in [-1, 1], one person's faces for the ReferenceNet
+                (three-branch guidance: ``guidance_scale`` is lambda_text, e.g. 7.5).
+            reference_guidance_scale: lambda_ref of eq. (3) (2.0).
+            lambda_feat: eq. (2)'s blend of reference and plain attention (0.85).
+            face_box: (4,) x0, y0, x1, y1 in output pixels for the face-mask channel (None: empty mask).
         """
+        if reference_images is not None:
+            return self._call_with_references(
+                prompt, identity, references, negative_prompt, num_inference_steps, guidance_scale,
+                adapter_scale, num_images_per_prompt, height, width, generator, latents, eta,
+                output_type, return_dict, callback_on_step_end, reference_images,
+                reference_guidance_scale, lambda_feat, face_box,
+            )  # fmt: skip
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         b = len(prompts)
         negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -306,10 +391,7 @@ class IdentityPipeline(StableDiffusionPipeline):
         device = self._execution_device
         text = self.encode_text(prompts)
         if identity is None:
-            identity = IdentityEmbeds(
-                torch.zeros(b, int(self.adapter.adapter.config.arcface_dim), device=device),
-                torch.zeros(b, int(self.adapter.adapter.config.clip_dim), device=device),
-            )
+            identity = self._null_identity(b, device)
         identity = identity.expand(b)
         n = num_images_per_prompt
         s_text = float(guidance_scale)
@@ -338,6 +420,106 @@ class IdentityPipeline(StableDiffusionPipeline):
                 num_images_per_prompt=1,
                 height=height or res,
                 width=width or res,
+                generator=generator,
+                latents=latents,
+                eta=eta,
+                output_type="latent" if pixel else output_type,
+                return_dict=True,
+                callback_on_step_end=callback_on_step_end,
+            )
+        images = out.images
+        if pixel and output_type != "latent":
+            images = self.image_processor.postprocess(images.clamp(-1, 1), output_type=output_type)
+        if not return_dict:
+            return (images, None)
+        out.images = images
+        return out
+
+    def _null_identity(self, b: int, device) -> IdentityEmbeds:
+        if self.adapter is None:
+            return IdentityEmbeds(torch.zeros(b, 1, device=device), torch.zeros(b, 1, device=device))
+        return IdentityEmbeds(
+            torch.zeros(b, int(self.adapter.adapter.config.arcface_dim), device=device),
+            torch.zeros(b, int(self.adapter.adapter.config.clip_dim), device=device),
+        )
+
+    @torch.no_grad()
+    def encode_references(self, images: torch.Tensor, lambda_feat: float = LAMBDA_FEAT):
+        """ReferenceNet features of one person's faces (N, 3, H, W) in [-1, 1], for a batch of 1."""
+        if self.reference_net is None:
+            raise ValueError(
+                "IdentityPipeline: reference_images need a ReferenceNet; export a generator trained with "
+                "generator.conditioning referencenet or both"
+            )
+        x = images.to(self._execution_device, torch.float32)
+        size = self.reference_size
+        if x.shape[-2:] != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+        lat = self.encode_images(x.to(self.unet.dtype))[None]  # (1, N, c, h, w)
+        empty = self.encode_text([""])  # (1, T, D): the ReferenceNet's text (see models/referencenet.py)
+        return self.reference_net.encode_references(lat.to(self.unet.dtype), empty, lambda_feat=lambda_feat)
+
+    def _call_with_references(
+        self, prompt, identity, references, negative_prompt, num_inference_steps, guidance_scale,
+        adapter_scale, n, height, width, generator, latents, eta, output_type, return_dict,
+        callback_on_step_end, reference_images, lambda_ref, lambda_feat, face_box,
+    ):  # fmt: skip
+        """Three-branch guidance, FlashFace eq. (3): weights (1 - l_text, l_text - l_ref, l_ref) on
+        [none | text | text&ref], one batched UNet call per step; references encoded once."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        b = len(prompts)
+        device = self._execution_device
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        if identity is None and references is not None and self.adapter is not None:
+            identity = self.encode_identity(references)
+        identity = (identity or self._null_identity(b, device)).expand(b)
+        null = identity.zeros_like()
+        feats = self.encode_references(reference_images, lambda_feat)  # once per generation
+        m = b * n
+        index, mask = feats.index.expand(m, -1, -1), feats.mask.expand(m, -1, -1)
+        feats = type(feats)(feats.states, index, mask, lambda_feat)
+        l_text, text = float(guidance_scale), self.encode_text(prompts)
+        plan = [(1.0 - l_text, null, self.encode_text(negatives)), (l_text - lambda_ref, null, text)]
+        plan.append((lambda_ref, identity, text))
+        branches = []
+        for w, ident, states in plan:
+            ctx, tokens = self.condition(ident, states, adapter_scale)
+            tokens = tokens.repeat_interleave(n, 0) if tokens is not None else None
+            branches.append((w, ctx.repeat_interleave(n, 0), tokens))
+        branch = torch.arange(3, device=mask.device).repeat_interleave(m)
+        refs = feats.repeat(3).drop(branch < 2)  # references only in the text&ref branch
+        res = int(self.config.resolution)
+        h, w = height or res, width or res
+        c = int(self.reference_net.config.latent_channels)
+        shape = (m, c, h // self.vae_scale_factor, w // self.vae_scale_factor)
+        if latents is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        mask_channels = None
+        if self.face_mask != "none":
+            box = (
+                None
+                if face_box is None
+                else torch.as_tensor(face_box, dtype=torch.float32)[None].expand(m, 4)
+            )
+            fm = box_mask(box, (h, w), shape[-2:]) if box is not None else torch.zeros(m, 1, *shape[-2:])
+            fm = fm.to(device).repeat(3, 1, 1, 1)
+            drop = (branch < 2).to(device)  # the mask is dropped with the references (FlashFace)
+            inp = face_mask_input(latents.repeat(3, 1, 1, 1), fm, None, drop)
+            if self.face_mask == "inpaint":  # no target at generation: the masked latent is empty
+                inp = torch.cat([inp, torch.zeros_like(latents.repeat(3, 1, 1, 1))], dim=1)
+            mask_channels = inp[:, c:]
+        pixel = self.vae is None
+        with self._guided_unet(branches, adapter_scale, refs, mask_channels):
+            out = StableDiffusionPipeline.__call__(
+                self,
+                prompt_embeds=branches[0][1],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=1.0,
+                num_images_per_prompt=1,
+                height=h,
+                width=w,
                 generator=generator,
                 latents=latents,
                 eta=eta,

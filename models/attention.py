@@ -56,7 +56,7 @@ def processor_key(layer_name: str) -> str:
 
 
 class PassThroughAttnProcessor(AttnProcessor2_0):
-    """Diffusers' stock SDPA attention that accepts (and ignores) ``id_tokens`` and ``id_scale``."""
+    """Diffusers' stock SDPA attention that accepts (and ignores) ``id_tokens``, ``id_scale`` and ``reference``."""
 
     def __call__(
         self,
@@ -67,6 +67,7 @@ class PassThroughAttnProcessor(AttnProcessor2_0):
         temb: torch.Tensor | None = None,
         id_tokens: torch.Tensor | None = None,
         id_scale: float = 1.0,
+        reference=None,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
@@ -90,7 +91,9 @@ class IdentityAttnProcessor(nn.Module):
         temb: torch.Tensor | None = None,
         id_tokens: torch.Tensor | None = None,
         id_scale: float = 1.0,
+        reference=None,
     ) -> torch.Tensor:
+        # ``reference`` (ReferenceNet features) is for the self-attention layers; accepted and ignored here.
         # Mirrors diffusers' AttnProcessor2_0 op for op, so the text path is bit-identical to it.
         residual = hidden_states
         if attn.spatial_norm is not None:

@@ -14,14 +14,22 @@ def test_train_config_parses(path):
     from idforge.launch.train_cmd import parse_train_config
 
     fit = parse_train_config(["--config", str(path)])
-    assert fit.model.generator.adapter["variant"] in {"final", "joint", "arcface", "clip", "decoupled"}
+    gen = fit.model.generator
+    if gen.conditioning != "referencenet":
+        assert gen.adapter["variant"] in {"final", "joint", "arcface", "clip", "decoupled"}
+    if gen.conditioning != "adapter":  # ReferenceNet generators read identity groups
+        assert fit.data.mode == "group" and gen.reference["placement"] in {"decoder", "encoder", "both"}
     assert fit.data.resolution > 0
 
 
 def test_every_real_config_has_a_tiny_twin():
     names = {p.stem for p in CONFIGS}
     assert "tiny" in names
-    assert len(CONFIGS) >= 2
+    for real in (n for n in names if n.startswith("sd15_")):
+        twin = (
+            "tiny" if real == "sd15_diffid" else "tiny_" + real.removeprefix("sd15_").removeprefix("diffid_")
+        )
+        assert twin in names, f"configs/train/{real}.yaml has no tiny twin {twin}.yaml"
 
 
 CURATE = sorted((Path(__file__).resolve().parents[1] / "configs" / "curate").glob("*.yaml"))

@@ -22,6 +22,13 @@ Faults: a step whose loss or gradient is not finite is skipped (gradients cleare
 optimiser sees them; identical on every DDP rank), counted in ``train/skipped_steps``, and
 ``max_nonfinite_steps`` such steps in a row abort the run with a message.
 
+ReferenceNet generators (``generator.conditioning: referencenet | both``, FlashFace sec. 3.2) read
+``data.mode: group`` batches: N references per target (N random in 1..4, padded by the reader's
+collate with ``ref_mask``), encoded by the ReferenceNet and attended to by the main UNet. The
+identity-drop cases drop the reference features and the face mask too (FlashFace: p = 0.1 each for
+references and text, independent: id_drop 0.09 + text_drop 0.09 + joint 0.01 give the same cases);
+in ``both`` the adapter sees the first reference photo.
+
 Checkpoints hold only the trainable parameters (adapter, and the UNet when it trains); hyper-
 parameters are plain dicts, so ``load_from_checkpoint`` rebuilds the module; a checkpoint that lacks
 a trainable tensor is an error, never a silently random weight.
@@ -45,7 +52,8 @@ from lightning.pytorch.cli import OptimizerCallable
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODES = ("single",)
-"""Data modes this module consumes; ``group`` (FlashFace references) waits for a ReferenceNet model."""
+"""Data modes an adapter-only generator consumes; a generator with a ReferenceNet consumes ``group``."""
+REFERENCE_MODES = ("group",)
 GROUP_KEYS = ("refs", "ref_mask", "num_refs")
 
 
@@ -171,7 +179,13 @@ class IdentityDiffusionModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         mode = getattr(datamodule, "mode", None)
-        if mode is not None and mode not in SUPPORTED_MODES:
+        if self.model.reference_net is not None:
+            if mode is not None and mode not in REFERENCE_MODES:
+                raise ValueError(
+                    f"data.mode: {mode!r} gives no reference groups, but generator.conditioning "
+                    f"{self.generator_config.conditioning!r} needs them; use data.mode: group"
+                )
+        elif mode is not None and mode not in SUPPORTED_MODES:
             raise ValueError(
                 f"data.mode: {mode!r} is not consumed by IdentityDiffusionModule (supports "
                 f"{SUPPORTED_MODES}); use data.mode: single until a ReferenceNet model consumes groups"
@@ -193,17 +207,25 @@ class IdentityDiffusionModule(L.LightningModule):
         input under identity dropout (None when nothing was dropped)."""
         model = self.model
         captions = list(batch["caption"])
-        reference = batch.get("reference", batch["image"])
-        ref_landmarks = batch.get("reference_landmarks", batch.get("landmarks"))
-        ref_embeds = batch.get("reference_embedding")
-        if ref_embeds is None and "reference" not in batch:
-            ref_embeds = batch.get("embedding")  # the reference is the target photo itself
-        e_arc, e_clip = model.identity_embeds(reference, ref_landmarks, ref_embeds)
+        if "refs" in batch:  # group batch: the adapter (``both``) sees the first reference photo
+            reference, ref_landmarks = batch["refs"][:, 0], batch["ref_landmarks"][:, 0]
+            ref_embeds = batch["ref_embeddings"][:, 0] if "ref_embeddings" in batch else None
+        else:
+            reference = batch.get("reference", batch["image"])
+            ref_landmarks = batch.get("reference_landmarks", batch.get("landmarks"))
+            ref_embeds = batch.get("reference_embedding")
+            if ref_embeds is None and "reference" not in batch:
+                ref_embeds = batch.get("embedding")  # the reference is the target photo itself
+        e_arc = e_clip = None
+        if model.adapter is not None:
+            e_arc, e_clip = model.identity_embeds(reference, ref_landmarks, ref_embeds)
         id_kept = None
         if drop and (self.id_drop_prob or self.text_drop_prob or self.joint_drop_prob):
             drop_id, drop_text = self._drop_masks(len(captions), generator)
             captions = [c if not d else "" for c, d in zip(captions, drop_text.tolist())]
-            if drop_id.any():
+            if drop_id.any() and e_arc is None:
+                id_kept = (~drop_id).to(self.device)
+            elif drop_id.any():
                 id_kept = (~drop_id).to(e_arc.device)
                 keep = id_kept.to(e_arc.dtype)
                 e_arc = e_arc * keep[:, None]
@@ -222,11 +244,40 @@ class IdentityDiffusionModule(L.LightningModule):
 
     def _check_batch(self, batch: dict) -> None:
         group = [k for k in GROUP_KEYS if k in batch]
+        if self.model.reference_net is not None:
+            if "refs" not in batch or "ref_mask" not in batch:
+                raise ValueError(
+                    f"batch has no 'refs'/'ref_mask': generator.conditioning "
+                    f"{self.generator_config.conditioning!r} trains on reference groups; use data.mode: group"
+                )
+            return
         if group:
             raise ValueError(
                 f"batch holds {group}: data.mode 'group' batches are not consumed by "
                 "IdentityDiffusionModule; use data.mode: single until a ReferenceNet model consumes them"
             )
+
+    def _reference_inputs(
+        self,
+        batch: dict,
+        noisy: torch.Tensor,
+        latents: torch.Tensor,
+        id_kept: torch.Tensor | None,
+        generator: torch.Generator | None,
+    ):
+        """(UNet input with the face-mask channels, ReferenceNet features) of a group batch; samples
+        whose identity input was dropped lose their references (K/V = y_g) and their face mask."""
+        model = self.model
+        valid = batch["ref_mask"].to(self.device)  # (B, N): padding slots of the collate are False
+        features = model.encode_references(batch["refs"], valid, generator=generator)
+        dropped = None
+        if id_kept is not None:
+            dropped = ~id_kept.to(self.device)
+            features = features.drop(dropped)
+        noisy_in = model.unet_input(
+            noisy, batch.get("box"), tuple(batch["image"].shape[-2:]), latents, dropped
+        )
+        return noisy_in, features
 
     def _losses(self, batch: dict, generator: torch.Generator | None = None, drop: bool = True) -> dict:
         self._check_batch(batch)
@@ -245,7 +296,12 @@ class IdentityDiffusionModule(L.LightningModule):
         alphas = sched.alphas_cumprod.to(latents.device)
         noisy = sched.add_noise(latents, noise, t)
         cond, id_kept = self._conditioning(batch, drop, generator)
-        pred = model.predict(noisy, t, cond)
+        reference = None
+        if model.reference_net is not None:
+            noisy_in, reference = self._reference_inputs(batch, noisy, latents, id_kept, generator)
+        else:
+            noisy_in = noisy
+        pred = model.predict(noisy_in, t, cond, reference)
         target = diffusion_target(noise, latents, t, alphas, model.prediction_type)
         denoise = F.mse_loss(pred.float(), target.float())
         out = {"denoise": denoise, "loss": denoise, "timesteps": t}
