@@ -213,56 +213,69 @@ def identity_processors(unet: nn.Module) -> nn.ModuleDict:
     )
 
 
-def identity_processor_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The identity processors' tensors, keyed as in ``unet.state_dict()`` (``<layer>.processor.<param>``)."""
+def processor_state_dict(unet: nn.Module, kind: type) -> dict[str, torch.Tensor]:
+    """The tensors of the UNet's processors of type ``kind``, keyed as in ``unet.state_dict()``
+    (``<layer>.processor.<param>``): what an adapter ships without the UNet."""
     return {
         f"{name}.{key}": value.detach().contiguous()
         for name, proc in unet.attn_processors.items()
-        if isinstance(proc, IdentityAttnProcessor)
+        if isinstance(proc, kind)
         for key, value in proc.state_dict().items()
     }
 
 
-def save_identity_processors(unet: nn.Module, folder: str | Path) -> Path:
-    """Write the identity processors' weights alone to ``<folder>/identity_processors.safetensors``."""
+def save_processors(unet: nn.Module, kind: type, folder: str | Path, file_name: str, installer: str) -> Path:
+    """Write the weights of the ``kind`` processors alone to ``<folder>/<file_name>`` (safetensors)."""
     from safetensors.torch import save_file
 
-    state = identity_processor_state_dict(unet)
+    state = processor_state_dict(unet, kind)
     if not state:
-        raise ValueError(
-            "save_identity_processors: no IdentityAttnProcessor is installed on this UNet; "
-            "call install_identity_processors first"
-        )
+        raise ValueError(f"no {kind.__name__} is installed on this UNet; call {installer} first")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, folder / PROCESSOR_WEIGHTS)
-    return folder / PROCESSOR_WEIGHTS
+    save_file(state, folder / file_name)
+    return folder / file_name
 
 
-def load_identity_processors(unet: nn.Module, path: str | Path) -> None:
-    """Load weights written by :func:`save_identity_processors` (folder or file); keys must match exactly."""
+def load_processors(unet: nn.Module, kind: type, path: str | Path, file_name: str, installer: str) -> None:
+    """Load weights written by :func:`save_processors` (folder or file) into the installed ``kind``
+    processors; the key sets must match exactly (no silent partial load)."""
     from safetensors.torch import load_file
 
     path = Path(path)
-    file = path / PROCESSOR_WEIGHTS if path.is_dir() else path
+    file = path / file_name if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(
-            f"{file}: no identity-processor weights (written by save_identity_processors)"
-        )
+        raise FileNotFoundError(f"{file}: no {kind.__name__} weights (written with save_pretrained / export)")
     state = load_file(file)
-    expected = set(identity_processor_state_dict(unet))
+    expected = set(processor_state_dict(unet, kind))
     if not expected:
-        raise ValueError(f"load_identity_processors({file}): install_identity_processors on the UNet first")
+        raise ValueError(f"load {file}: no {kind.__name__} on the UNet; call {installer} first")
     if set(state) != expected:
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         raise ValueError(
-            f"load_identity_processors({file}): keys do not match the installed processors "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it saved from a UNet "
-            "with the same layout?"
+            f"load {file}: keys do not match the installed {kind.__name__}s (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}); call {installer} with the layout it was saved with first"
         )
     for name, proc in unet.attn_processors.items():
-        if isinstance(proc, IdentityAttnProcessor):
+        if isinstance(proc, kind):
             prefix = f"{name}."
             proc.load_state_dict(
                 {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
             )
+
+
+def identity_processor_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The identity processors' tensors, keyed as in ``unet.state_dict()``."""
+    return processor_state_dict(unet, IdentityAttnProcessor)
+
+
+def save_identity_processors(unet: nn.Module, folder: str | Path) -> Path:
+    """Write the identity processors' weights alone to ``<folder>/identity_processors.safetensors``."""
+    return save_processors(
+        unet, IdentityAttnProcessor, folder, PROCESSOR_WEIGHTS, "install_identity_processors"
+    )
+
+
+def load_identity_processors(unet: nn.Module, path: str | Path) -> None:
+    """Load weights written by :func:`save_identity_processors` (folder or file); keys must match exactly."""
+    load_processors(unet, IdentityAttnProcessor, path, PROCESSOR_WEIGHTS, "install_identity_processors")

@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from .attention import PassThroughAttnProcessor, iter_attention_layers
+from .attention import (
+    PassThroughAttnProcessor,
+    iter_attention_layers,
+    load_processors,
+    processor_state_dict,
+    save_processors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -349,50 +355,18 @@ def install_reference_processors(
 
 def reference_processor_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
     """The reference processors' tensors, keyed as in ``unet.state_dict()`` (``<layer>.processor.<param>``)."""
-    return {
-        f"{name}.{key}": value.detach().contiguous()
-        for name, proc in unet.attn_processors.items()
-        if isinstance(proc, ReferenceAttnProcessor)
-        for key, value in proc.state_dict().items()
-    }
+    return processor_state_dict(unet, ReferenceAttnProcessor)
 
 
 def save_reference_processors(unet: nn.Module, folder: str | Path) -> Path:
     """Write the reference processors' weights alone to ``<folder>/reference_processors.safetensors``."""
-    from safetensors.torch import save_file
-
-    state = reference_processor_state_dict(unet)
-    if not state:
-        raise ValueError(
-            "save_reference_processors: no ReferenceAttnProcessor on this UNet; call "
-            "install_reference_processors first"
-        )
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, folder / REFERENCE_PROCESSOR_WEIGHTS)
-    return folder / REFERENCE_PROCESSOR_WEIGHTS
+    return save_processors(
+        unet, ReferenceAttnProcessor, folder, REFERENCE_PROCESSOR_WEIGHTS, "install_reference_processors"
+    )
 
 
 def load_reference_processors(unet: nn.Module, path: str | Path) -> None:
     """Load weights written by :func:`save_reference_processors` (folder or file); keys must match exactly."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    file = path / REFERENCE_PROCESSOR_WEIGHTS if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{file}: no reference-processor weights (written by save_reference_processors)"
-        )
-    state = load_file(file)
-    expected = set(reference_processor_state_dict(unet))
-    if set(state) != expected:
-        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(
-            f"load_reference_processors({file}): keys do not match the installed processors (missing "
-            f"{missing[:3]}, unexpected {unexpected[:3]}); install_reference_processors with the placement "
-            "it was saved with first"
-        )
-    for name, proc in unet.attn_processors.items():
-        if isinstance(proc, ReferenceAttnProcessor):
-            prefix = f"{name}."
-            proc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    load_processors(
+        unet, ReferenceAttnProcessor, path, REFERENCE_PROCESSOR_WEIGHTS, "install_reference_processors"
+    )
