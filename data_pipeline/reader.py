@@ -31,6 +31,7 @@ text encoder.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -206,13 +207,33 @@ class IdentityShardDataset(IterableDataset):
         self.shuffle_buffer, self.min_refs, self.max_refs = shuffle_buffer, min_refs, max_refs
         self.reference, self.seed, self.repeat, self.epoch_length = reference, seed, repeat, epoch_length
         self.epoch = 0  # passes started by this copy (each DataLoader worker keeps its own)
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Start the next pass at ``epoch`` (reshuffles shards and samples as for that epoch)."""
         self.epoch = epoch
 
-    def pipeline(self, epoch: int):
-        """The ``webdataset.DataPipeline`` of one pass, for the calling rank and worker."""
+    def resume_at(self, epoch: int, batches: int, batch_size: int) -> None:
+        """Continue the stream where a run stopped: pass ``epoch``, after ``batches`` batches of
+        ``batch_size`` were consumed. A DataLoader takes batches from its workers in turn, so worker w
+        of W produced the batches w, w + W, ... of those; each skips its share of items, still raw
+        (before JPEG decoding). The next pass of a copy starts as usual."""
+        self.epoch = epoch
+        self._resume = (batches, batch_size)
+
+    def _skip_items(self) -> int:
+        if self._resume is None:
+            return 0
+        import webdataset as wds
+
+        batches, batch_size = self._resume
+        self._resume = None
+        _, _, worker, workers = wds.utils.pytorch_worker_info()
+        return len(range(worker, batches, max(1, workers))) * batch_size
+
+    def pipeline(self, epoch: int, skip: int = 0):
+        """The ``webdataset.DataPipeline`` of one pass, for the calling rank and worker, after ``skip``
+        items (already consumed before a resume)."""
         import webdataset as wds
 
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
@@ -249,13 +270,18 @@ class IdentityShardDataset(IterableDataset):
             stages.append(
                 wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, seed=stream_rng.getrandbits(31))
             )
+        if skip:
+            stages.append(lambda src: itertools.islice(src, skip, None))
         stages.append(wds.map(lambda rec: decode_item(rec, self.resolution)))
         pipe = wds.DataPipeline(*stages)
-        return pipe.with_epoch(self.epoch_length) if self.repeat and self.epoch_length else pipe
+        if self.repeat and self.epoch_length:
+            return pipe.with_epoch(max(0, self.epoch_length - skip))
+        return pipe
 
     def __iter__(self) -> Iterator[dict]:
+        skip = self._skip_items()
         epoch, self.epoch = self.epoch, self.epoch + 1
-        yield from self.pipeline(epoch)
+        yield from self.pipeline(epoch, skip)
 
 
 def make_identity_dataset(

@@ -75,6 +75,18 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
         self.epoch_length = epoch_length
+        self._resume: dict | None = None
+
+    def state_dict(self) -> dict:
+        """Data position for exact resume: the epoch and the training batches consumed in it."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = dict(state_dict) or None
 
     def _loader(self, urls, train: bool) -> DataLoader:
         from idforge.data_pipeline.reader import collate_identity_samples, make_identity_dataset
@@ -98,7 +110,21 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_shards, train=True)
+        loader = self._loader(self.train_shards, train=True)
+        if self._resume is not None:  # continue the stream where the checkpoint left it
+            r, self._resume = self._resume, None
+            if r["batch_size"] != self.batch_size:
+                log.warning(
+                    "data.batch_size changed from %d to %d since the checkpoint; the stream restarts at "
+                    "the saved epoch instead of continuing exactly",
+                    r["batch_size"],
+                    self.batch_size,
+                )
+                loader.dataset.set_epoch(r["epoch"])
+            else:
+                loader.dataset.resume_at(r["epoch"], r["batches"], r["batch_size"])
+                log.info("data: resuming epoch %d after %d batches", r["epoch"], r["batches"])
+        return loader
 
     def val_dataloader(self):
         if not self.val_shards:

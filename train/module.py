@@ -174,7 +174,13 @@ class IdentityDiffusionModule(L.LightningModule):
         rank, world = self.global_rank, max(1, self.trainer.world_size)
         seed = self.base_seed() + rank + world * self.global_step  # fresh streams after a resume
         self._rng = torch.Generator(device=self.device).manual_seed(seed)
-        log.info("rank %d: noise/timestep/dropout seed %d", rank, seed)
+        restored = getattr(self, "_restored_rng_state", None)
+        if restored is not None:  # exact resume: continue the stream saved in the checkpoint
+            self._rng.set_state(restored.to(self._rng.get_state().device))
+            self._restored_rng_state = None
+            log.info("rank %d: noise/timestep/dropout stream restored from the checkpoint", rank)
+        else:
+            log.info("rank %d: noise/timestep/dropout seed %d", rank, seed)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -393,9 +399,29 @@ class IdentityDiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = {f"model.{k}" for k in self.model.trainable_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        self._save_rng_state(checkpoint)
+
+    def _save_rng_state(self, checkpoint: dict[str, Any]) -> None:
+        """This rank's noise/timestep/dropout stream, so a resumed run draws what the uninterrupted one would
+        (``noise_rng``: one state per rank, gathered; rank r restores entry r)."""
+        if self._rng is None:
+            return
+        state = self._rng.get_state()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            state = self.all_gather(state.to(self.device)).cpu()  # (world, n)
+        else:
+            state = state[None]  # (1, n)
+        checkpoint["noise_rng"] = state
+
+    def _load_rng_state(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("noise_rng")
+        rank = self.global_rank if self._trainer is not None else 0
+        if states is not None and rank < len(states):
+            self._restored_rng_state = states[rank].cpu()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Frozen weights come from the zoo; every trainable tensor must come from the checkpoint."""
+        self._load_rng_state(checkpoint)
         state = checkpoint.setdefault("state_dict", {})
         expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
         missing = sorted(expected - set(state))
