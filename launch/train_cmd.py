@@ -14,14 +14,23 @@ from idforge.train.module import IdentityDiffusionModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .errors import RaisingParserMixin
+from .train_extras import check_train_extras
 
 
 class TrainParser(RaisingParserMixin, LightningArgumentParser):
     """LightningCLI's parser, reporting errors through the ``idforge`` command's one-line format."""
 
 
+class TrainCLI(LightningCLI):
+    """LightningCLI that checks optional extras (DeepSpeed, wandb) before building anything."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_train_extras(config.get("trainer"))
+
+
 def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    return LightningCLI(
+    return TrainCLI(
         IdentityDiffusionModule,
         ShardDataModule,
         args=args,
@@ -32,7 +41,7 @@ def run_train(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
-class _ParseOnlyCLI(LightningCLI):
+class _ParseOnlyCLI(TrainCLI):
     """Parses and validates a configuration without building models (no weights are loaded)."""
 
     def instantiate_classes(self) -> None:
