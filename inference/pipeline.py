@@ -411,29 +411,11 @@ class IdentityPipeline(StableDiffusionPipeline):
             ctx, tokens = self.condition(identity, text, adapter_scale)
             branches = [(0.0, ctx.repeat_interleave(n, 0), tokens)]
         res = int(self.config.resolution)
-        pixel = self.vae is None
         with self._guided_unet(branches, adapter_scale):
-            out = super().__call__(
-                prompt_embeds=branches[0][1],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=1.0,
-                num_images_per_prompt=1,
-                height=height or res,
-                width=width or res,
-                generator=generator,
-                latents=latents,
-                eta=eta,
-                output_type="latent" if pixel else output_type,
-                return_dict=True,
-                callback_on_step_end=callback_on_step_end,
-            )
-        images = out.images
-        if pixel and output_type != "latent":
-            images = self.image_processor.postprocess(images.clamp(-1, 1), output_type=output_type)
-        if not return_dict:
-            return (images, None)
-        out.images = images
-        return out
+            return self._stock_loop(
+                branches[0][1], num_inference_steps, height or res, width or res, generator, latents, eta,
+                output_type, return_dict, callback_on_step_end,
+            )  # fmt: skip
 
     def _null_identity(self, b: int, device) -> IdentityEmbeds:
         if self.adapter is None:
@@ -510,23 +492,43 @@ class IdentityPipeline(StableDiffusionPipeline):
             if self.face_mask == "inpaint":  # no target at generation: the masked latent is empty
                 inp = torch.cat([inp, torch.zeros_like(latents.repeat(3, 1, 1, 1))], dim=1)
             mask_channels = inp[:, c:]
-        pixel = self.vae is None
         with self._guided_unet(branches, adapter_scale, refs, mask_channels):
-            out = StableDiffusionPipeline.__call__(
-                self,
-                prompt_embeds=branches[0][1],
-                num_inference_steps=num_inference_steps,
-                guidance_scale=1.0,
-                num_images_per_prompt=1,
-                height=h,
-                width=w,
-                generator=generator,
-                latents=latents,
-                eta=eta,
-                output_type="latent" if pixel else output_type,
-                return_dict=True,
-                callback_on_step_end=callback_on_step_end,
-            )
+            return self._stock_loop(
+                branches[0][1], num_inference_steps, h, w, generator, latents, eta, output_type, return_dict,
+                callback_on_step_end,
+            )  # fmt: skip
+
+    def _stock_loop(
+        self,
+        prompt_embeds,
+        steps,
+        height,
+        width,
+        generator,
+        latents,
+        eta,
+        output_type,
+        return_dict,
+        on_step_end,
+    ):
+        """diffusers' own denoising loop with its guidance off (the UNet hooks of :meth:`_guided_unet`
+        batch and combine the branches); a pixel-space model (no VAE) returns images it decodes itself."""
+        pixel = self.vae is None
+        out = StableDiffusionPipeline.__call__(
+            self,
+            prompt_embeds=prompt_embeds,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            num_images_per_prompt=1,
+            height=height,
+            width=width,
+            generator=generator,
+            latents=latents,
+            eta=eta,
+            output_type="latent" if pixel else output_type,
+            return_dict=True,
+            callback_on_step_end=on_step_end,
+        )
         images = out.images
         if pixel and output_type != "latent":
             images = self.image_processor.postprocess(images.clamp(-1, 1), output_type=output_type)
