@@ -38,6 +38,7 @@ from .attention import (
     PassThroughAttnProcessor,
     iter_attention_layers,
     load_processors,
+    processor_key,
     processor_state_dict,
     save_processors,
 )
@@ -161,24 +162,6 @@ class ReferenceFeatures:
             lambda_feat=a.lambda_feat,
             weights=torch.cat([wa, wb], dim=1),
         )
-
-
-class ReferencePassThroughAttnProcessor(AttnProcessor2_0):
-    """Stock SDPA attention for layers without references; accepts (and ignores) ``reference``,
-    ``id_tokens`` and ``id_scale`` so diffusers neither warns nor drops them."""
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        reference: ReferenceFeatures | None = None,
-        id_tokens: torch.Tensor | None = None,
-        id_scale: float = 1.0,
-    ) -> torch.Tensor:
-        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class ReferenceStore(dict):
@@ -332,7 +315,7 @@ def install_reference_processors(
     """Set :class:`ReferenceAttnProcessor` on the placed self-attention layers of the main UNet.
 
     Other layers keep their processor, except stock ones (and the adapter's self-attention
-    pass-through), which become :class:`ReferencePassThroughAttnProcessor` so that the ``reference``
+    pass-through), which become :class:`~idforge.models.attention.PassThroughAttnProcessor` so that the ``reference``
     keyword reaches every layer silently. Install identity processors (adapter) first: their
     installer resets every self-attention layer. Returns the new processors keyed by layer name with
     '.' -> '__' (they also live in ``unet.state_dict()`` as ``<layer>.processor.to_*_ref.*``).
@@ -345,9 +328,9 @@ def install_reference_processors(
         if name in placed:
             attn = modules[name.removesuffix(".processor")]
             procs[name] = ReferenceAttnProcessor.from_attention(name, attn, zero_init=zero_init)
-            trainable[name.removesuffix(".processor").replace(".", "__")] = procs[name]
+            trainable[processor_key(name)] = procs[name]
         elif type(current) in (AttnProcessor2_0, AttnProcessor, PassThroughAttnProcessor):
-            procs[name] = ReferencePassThroughAttnProcessor()
+            procs[name] = PassThroughAttnProcessor()
     unet.set_attn_processor(procs)
     log.info("installed %d reference attention processors (placement %s)", len(trainable), placement)
     return trainable

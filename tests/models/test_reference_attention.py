@@ -7,11 +7,10 @@ import logging
 
 import pytest
 import torch
-from idforge.models.attention import install_identity_processors
+from idforge.models.attention import PassThroughAttnProcessor, install_identity_processors
 from idforge.models.reference_attention import (
     ReferenceAttnProcessor,
     ReferenceFeatures,
-    ReferencePassThroughAttnProcessor,
     install_reference_processors,
     load_reference_processors,
     reference_processor_state_dict,
@@ -75,7 +74,7 @@ def test_key_length_is_target_plus_n_reference_tokens_at_each_placement(placemen
 def test_every_other_layer_accepts_the_reference_keyword_silently(caplog):
     unet, ref = _pair()
     others = [p for p in unet.attn_processors.values() if not isinstance(p, ReferenceAttnProcessor)]
-    assert others and all(isinstance(p, ReferencePassThroughAttnProcessor) for p in others)
+    assert others and all(isinstance(p, PassThroughAttnProcessor) for p in others)
     x, t, ctx, refs, empty = _inputs()
     with torch.no_grad(), caplog.at_level(logging.WARNING):
         _run(unet, x, t, ctx, ref.encode_references(refs, empty))
@@ -240,7 +239,7 @@ def test_reference_processors_sit_beside_the_adapter_identity_processors():
     ref = ReferenceNet.from_unet(unet)
     procs = ref.attach(unet)
     names = {type(p).__name__ for p in unet.attn_processors.values()}
-    assert names == {"IdentityAttnProcessor", "ReferenceAttnProcessor", "ReferencePassThroughAttnProcessor"}
+    assert names == {"IdentityAttnProcessor", "ReferenceAttnProcessor", "PassThroughAttnProcessor"}
     assert len(procs) == 5
     # the ReferenceNet is a plain UNet: no identity processors were copied into it
     assert {type(p).__name__ for p in ref.unet.attn_processors.values()} == {
