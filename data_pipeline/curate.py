@@ -269,10 +269,12 @@ def _process_items(cfg: CurateConfig) -> list[SourceItem]:
     return _ITEMS["items"]
 
 
-def run_curation(cfg: CurateConfig, progress=None) -> dict | None:
+def run_curation(cfg: CurateConfig, progress=None, on_total=None) -> dict | None:
     """Run this worker's units; rank 0 then finalizes if every unit is committed. Returns the manifest,
     or None when this is not rank 0 or other workers' units are still pending (then call
-    :func:`idforge.data_pipeline.finalize.finalize_curation` once they are done)."""
+    :func:`idforge.data_pipeline.finalize.finalize_curation` once they are done). ``on_total(n)`` is
+    told the files of this worker's pending units once they are known; ``progress(k)`` then counts
+    them unit by unit."""
     items = open_source(cfg.input, cfg.person_folders)
     cfg = resolve_config(cfg, items)
     items = commit_listing(cfg, items)
@@ -282,6 +284,8 @@ def run_curation(cfg: CurateConfig, progress=None) -> dict | None:
     log.info(
         "%d files in %d units; this worker: %d units, %d to do", len(items), len(units), len(mine), len(todo)
     )
+    if on_total:
+        on_total(sum(len(units[u]) for u in todo))
     if cfg.workers > 1 and len(todo) > 1:
         with ProcessPoolExecutor(cfg.workers) as pool:
             for u, _ in zip(todo, pool.map(process_unit, [cfg] * len(todo), todo)):

@@ -6,7 +6,6 @@ same keys as YAML: ``configs/curate/*.yaml``); ``idforge curate --help`` lists t
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -32,19 +31,19 @@ def curate(config) -> int:
     webdataset shards + manifest.json (rejects counted by reason; resumable; --rank/--world_size, $RANK
     or SLURM array ids split the work; rank 0 writes the shards once every unit is done)."""
     from idforge.data_pipeline.curate import run_curation
-    from idforge.data_pipeline.sources import open_source
     from tqdm import tqdm
 
     cfg = config
     if not Path(cfg.input).exists():
         raise FileNotFoundError(f"--input {cfg.input}: no such file or folder (photos, a .tar or shards)")
-    single = cfg.world_size in (None, 1) and not any(
-        os.environ.get(v) for v in ("WORLD_SIZE", "SLURM_ARRAY_TASK_COUNT", "SLURM_NTASKS")
-    )
-    total = len(open_source(cfg.input, cfg.person_folders)) if single else None
     t0 = time.perf_counter()
-    with tqdm(total=total, unit="img", desc="curate") as bar:
-        manifest = run_curation(cfg, progress=bar.update)
+    with tqdm(unit="img", desc="curate") as bar:
+
+        def set_total(n: int) -> None:  # the job lists the input once; the bar learns its size from it
+            bar.total = n
+            bar.refresh()
+
+        manifest = run_curation(cfg, progress=bar.update, on_total=set_total)
     if manifest is None:
         print(
             "this worker's units are done; rank 0 writes the shards once every worker's units are committed "
