@@ -30,6 +30,28 @@ def _training_crop_scale(ckpt_path: Path) -> tuple[float | None, str | None]:
     return None, None
 
 
+def _load_deepspeed_folder(folder: Path) -> dict:
+    """A DeepSpeed checkpoint (a folder of per-rank shards) consolidated into one fp32 state dict with
+    the trainer's own state (hyper-parameters, EMA), through Lightning's converter."""
+    if not ((folder / "latest").is_file() or (folder / "checkpoint").is_dir()):
+        raise IsADirectoryError(
+            f"{folder}: a folder, not a checkpoint file (nor a DeepSpeed checkpoint folder with `latest` "
+            "or `checkpoint/`); pass the .ckpt file written by `idforge train fit`"
+        )
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ModuleNotFoundError(
+            f"{folder}: a DeepSpeed checkpoint folder; consolidating it needs DeepSpeed: "
+            "`pip install 'idforge[deepspeed]'`"
+        )
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return convert_zero_checkpoint_to_fp32_state_dict(folder, Path(tmp) / "consolidated.ckpt")
+
+
 def export_checkpoint(
     checkpoint: str | Path,
     out: str | Path,
@@ -39,12 +61,15 @@ def export_checkpoint(
     ema: bool = True,
 ) -> Path:
     ckpt_path = Path(checkpoint)
-    if not ckpt_path.is_file():
+    if ckpt_path.is_dir():
+        ckpt = _load_deepspeed_folder(ckpt_path)
+    elif ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    else:
         raise FileNotFoundError(
             f"{ckpt_path}: checkpoint not found (written by `idforge train fit` under "
             "the trainer's default_root_dir/checkpoints)"
         )
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters", {})
     if "generator" not in hp:
         raise ValueError(f"{ckpt_path}: no generator hyper-parameters; was it written by idforge's trainer?")
@@ -89,7 +114,8 @@ def export(
     """Export a training checkpoint to a self-contained IdentityPipeline folder (diffusers layout).
 
     Args:
-        checkpoint: Lightning .ckpt written by `idforge train fit` (under default_root_dir/checkpoints).
+        checkpoint: Lightning .ckpt written by `idforge train fit` (under default_root_dir/checkpoints), or
+            the checkpoint folder DeepSpeed writes in its place (consolidated on the fly).
         out: output folder, loaded by `idforge generate`, `idforge morph`, `idforge eval` and
             `IdentityPipeline.from_pretrained`.
         resolution: generation resolution in pixels (default: the UNet's sample size x the VAE's factor).

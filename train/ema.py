@@ -79,6 +79,14 @@ class EMA(L.Callback):
         self.num_updates += 1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .strategies import zero_stage
+
+        if zero_stage(trainer.strategy) == 3:
+            raise ValueError(
+                "EMA: DeepSpeed ZeRO-3 partitions every parameter across ranks, so the average would "
+                "follow empty shards; train with launch/deepspeed_zero2.json (or DDP) when the EMA "
+                "callback is on, or remove the EMA callback"
+            )
         if self.shadow is None:
             self._init_shadow(pl_module)
 

@@ -422,6 +422,12 @@ class IdentityDiffusionModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Frozen weights come from the zoo; every trainable tensor must come from the checkpoint."""
         self._load_rng_state(checkpoint)
+        if "state_dict" not in checkpoint and self._trainer is not None:
+            from .strategies import engine_owns_weights
+
+            if engine_owns_weights(self.trainer.strategy):  # DeepSpeed loads (and checks) them itself
+                log.info("weights restored by %s", type(self.trainer.strategy).__name__)
+                return
         state = checkpoint.setdefault("state_dict", {})
         expected = {f"model.{k}" for k in self.model.trainable_state_dict()}
         missing = sorted(expected - set(state))
