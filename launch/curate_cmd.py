@@ -13,8 +13,11 @@ from pathlib import Path
 def _summary(manifest: dict, output: str, seconds: float | None = None) -> None:
     print(f"\n{'files seen':<24}{manifest['files_seen']:>8}")
     print(f"{'images accepted':<24}{manifest['images_accepted']:>8}")
-    for reason, n in manifest["rejected"].items():
+    rejected = {reason: n for reason, n in manifest["rejected"].items() if n}
+    for reason, n in sorted(rejected.items(), key=lambda kv: -kv[1]):
         print(f"{'rejected: ' + reason:<24}{n:>8}")
+    if not rejected:
+        print(f"{'rejected':<24}{0:>8}")
     print(f"{'identities':<24}{sum(manifest['identities'].values()):>8}")
     print(f"{'shards':<24}{len(manifest['shards']):>8}")
     rate = f"{manifest['files_seen'] / max(seconds, 1e-9):.1f} files/s; " if seconds else ""
