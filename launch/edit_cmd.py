@@ -2,8 +2,73 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
+
+REQUIRED = ("image", "target")
+"""Columns every batch row needs; the others (source, concept, preset, strength, kernel, mode, then)
+fall back to the command's options."""
+
+
+def read_batch(path: Path) -> list[dict]:
+    """Edits of a ``--batch`` file, one per row: JSONL (one object a line) or CSV (a header row naming
+    the columns; empty cells take the command's options; ``then`` holds a JSON list of further edits).
+
+    Raises a one-line error naming the file, the row (its line in the file) and what is missing."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"--batch {path}: no such file (JSONL or CSV: image, source, target, concept)"
+        )
+    text = path.read_text(encoding="utf-8-sig")
+    rows: list[tuple[int, dict]] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        header = [c.strip() for c in reader.fieldnames or []]
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise ValueError(
+                f"--batch {path}: the header (line 1: {', '.join(header) or 'empty'}) has no "
+                f"{' or '.join(repr(c) for c in missing)} column; add it"
+            )
+        for row in reader:
+            line = reader.line_num
+            r = {
+                k.strip(): v.strip() for k, v in row.items() if k is not None and v is not None and v.strip()
+            }
+            if None in row:
+                raise ValueError(
+                    f"--batch {path}: line {line} has more cells than the header's {len(header)}"
+                )
+            if "then" in r:
+                try:
+                    r["then"] = json.loads(r["then"])
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"--batch {path}: line {line}, column 'then' is not a JSON list ({e})"
+                    ) from e
+            rows.append((line, r))
+    else:
+        for line, raw in enumerate(text.splitlines(), 1):
+            if not raw.strip():
+                continue
+            try:
+                rows.append((line, json.loads(raw)))
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"--batch {path}: line {line} is not a JSON object ({e}); or name a .csv"
+                ) from e
+    for line, r in rows:
+        missing = [c for c in REQUIRED if c not in r]
+        if missing:
+            raise ValueError(
+                f"--batch {path}: line {line} has no {' or '.join(repr(c) for c in missing)}; every row needs "
+                f"{' and '.join(REQUIRED)}"
+            )
+    if not rows:
+        raise ValueError(f"--batch {path}: no edits in the file; give one row per edit")
+    return [r for _, r in rows]
 
 
 def edit(
@@ -34,6 +99,7 @@ def edit(
     resolution: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    offload_text_encoders: bool | None = None,
     seed: int = 0,
 ) -> int:
     """Edit a photo: fine-tune on it, invert with the source prompt, mask the concept, denoise with the target.
@@ -62,10 +128,11 @@ def edit(
         micro_batch: accumulated samples per forward (grad_accum: one batched forward).
         gradient_checkpointing: trade compute for memory while fine-tuning.
         then: further edits of the result, each a JSON object with target, concept and optional source/preset/strength/kernel/mode (the tuned model is reused).
-        batch: JSONL file, one edit per line: image, source, target, concept, optional preset/strength/kernel/mode (relative image paths are under the file's folder).
+        batch: JSONL or CSV (.csv, header row) file, one edit per row: image, target, optional source/concept/preset/strength/kernel/mode/then (relative image paths are under the file's folder).
         resolution: square size the photo is resized to (default: the model's).
         dtype: float32, bfloat16 or float16.
         device: where to run (cpu, cuda).
+        offload_text_encoders: keep the text encoders on the CPU except while prompts are encoded (once per new prompt); default: on for cuda.
         seed: seed of the fine-tuning draws.
     """
     import torch
@@ -78,20 +145,13 @@ def edit(
             f"--model {model}: no such folder (an SD3 folder or one written by `idforge export`)"
         )
     if (image is None) == (batch is None):
-        raise ValueError("give exactly one of --image (one photo) or --batch (a JSONL file of edits)")
+        raise ValueError("give exactly one of --image (one photo) or --batch (a JSONL or CSV file of edits)")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--dtype {dtype!r}: choose float32, bfloat16 or float16")
     rows = [{"image": str(image), "source": source, "target": target, "concept": concept, "preset": preset}]
     base = Path.cwd()
     if batch is not None:
-        if not batch.is_file():
-            raise FileNotFoundError(f"--batch {batch}: no such file (JSONL: image, source, target, concept)")
-        base = batch.parent
-        rows = [json.loads(line) for line in batch.read_text().splitlines() if line.strip()]
-        for i, r in enumerate(rows):
-            missing = {"image", "target"} - r.keys()
-            if missing:
-                raise ValueError(f"--batch {batch}: line {i + 1} lacks {', '.join(sorted(missing))}")
+        rows, base = read_batch(batch), batch.parent
     ft = FinetuneConfig(
         steps=finetune_steps,
         lr=lr,
@@ -118,12 +178,23 @@ def edit(
     for i, row in enumerate(rows):
         folder = out if batch is None else out / f"{i:04d}"
         # a fresh backbone per photo: fine-tuning is per image; sequential edits share it
-        bb = load_backbone(model, device=device, dtype=getattr(torch, dtype), resolution=resolution)
+        bb = load_backbone(
+            model,
+            device=device,
+            dtype=getattr(torch, dtype),
+            resolution=resolution,
+            offload_text_encoders=offload_text_encoders,
+        )
         photo = Path(row["image"]).expanduser()
         photo = photo if photo.is_absolute() else base / photo
         x, exif = load_photo(photo, bb.resolution)
         ed = Editor(bb, x)
         src = row.get("source", source)
+        chain = [row] + list(row.get("then", then or []))
+        sources = [
+            step.get("source", src if j == 0 else chain[j - 1]["target"]) for j, step in enumerate(chain)
+        ]
+        bb.encode_prompts([src, *sources, *(step["target"] for step in chain)])  # one text-encoder visit
         if ft.steps:
             bar = tqdm(total=ft.steps, desc=f"fine-tune {photo.name}", leave=False)
             ed.finetune(
@@ -132,10 +203,8 @@ def edit(
                 progress=lambda s, loss, bar=bar: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")),
             )
             bar.close()
-        chain = [row] + list(row.get("then", then or []))
-        for j, step in enumerate(chain):
+        for j, (step, src_j) in enumerate(zip(chain, sources)):
             s = settings(step)
-            src_j = step.get("source", src if j == 0 else chain[j - 1]["target"])
             res = ed.edit(
                 src_j,
                 step["target"],

@@ -14,7 +14,9 @@ and where the concept's tokens sit in the sequence its attention sees.
   own identity conditions it) or a plain ``StableDiffusionPipeline``. Levels are evenly spaced
   training timesteps t_k = k T / steps with the scheduler's alphas_cumprod (level 0 is the clean
   image, alpha = 1); the move is deterministic DDIM (Song et al. 2021, eta = 0), which run upwards
-  is DDIM inversion. Training: the epsilon or v loss of the scheduler's ``prediction_type``.
+  is DDIM inversion. Training: the epsilon, v or x0 (``sample``) loss of the scheduler's
+  ``prediction_type``. An x0-predicting model defines no noise direction at the clean level, so its
+  first inversion step keeps the latent (z_ref_1 = z0) and inversion proceeds from level 1.
 
 The edit runs its own level loop rather than the stock ``__call__`` because it must blend with the
 stored trajectory after every step and record attention in the inversion pass; the updates are the
@@ -35,6 +37,8 @@ from .attention import AttentionRecorder, concept_token_indices, install_recorde
 
 log = logging.getLogger(__name__)
 
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
 
 class EditBackbone(ABC):
     """A denoiser with encode/decode, prompt encoding, a level grid and the backbone's own loss."""
@@ -49,6 +53,8 @@ class EditBackbone(ABC):
         self.recorder = AttentionRecorder()
         self.recording_layers = install_recorder(denoiser, self.recorder, joint=self.joint_attention)
         self._cond_cache: dict[str, object] = {}
+        self.text_offload: torch.device | None = None
+        """Where the text encoders wait between encodings (:meth:`offload_text_encoders`); None: in place."""
 
     @property
     def device(self) -> torch.device:
@@ -99,18 +105,44 @@ class EditBackbone(ABC):
         return image
 
     def condition(self, prompt: str):
-        """Encoded once per prompt and cached: the text encoders run once per edit, then can leave
-        the GPU (:meth:`offload_text_encoders`)."""
-        if prompt not in self._cond_cache:
-            with torch.no_grad():
-                self._cond_cache[prompt] = self._encode_prompt(prompt)
-        return self._cond_cache[prompt]
+        """The denoiser's conditioning for ``prompt``, encoded once and cached (:meth:`encode_prompts`)."""
+        return self.encode_prompts([prompt])[0]
 
-    def offload_text_encoders(self) -> None:
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            enc = getattr(self.pipe, name, None)
-            if enc is not None:
-                enc.to("cpu")
+    def encode_prompts(self, prompts: list[str]) -> list:
+        """Conditionings of ``prompts``; only prompts not seen before run the text encoders, all in one
+        visit: with :attr:`text_offload` set they come to the denoiser's device for it and go back after,
+        so during fine-tuning and denoising they hold no accelerator memory (SPEC sec. 5)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if new:
+            if self.text_offload is not None:
+                self._move_text_encoders(self.device)
+            with torch.no_grad():
+                for p in new:
+                    self._cond_cache[p] = self._encode_prompt(p)
+            if self.text_offload is not None:
+                self._move_text_encoders(self.text_offload)
+            log.debug("encoded %d prompt(s); text encoders on %s", len(new), self.text_encoder_device)
+        return [self._cond_cache[p] for p in prompts]
+
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for n in TEXT_ENCODERS if (e := getattr(self.pipe, n, None)) is not None]
+
+    @property
+    def text_encoder_device(self) -> torch.device | None:
+        encoders = self.text_encoders()
+        return next(encoders[0].parameters()).device if encoders else None
+
+    def offload_text_encoders(self, device: str | torch.device = "cpu") -> None:
+        """Keep the text encoders on ``device`` (CPU) except while new prompts are encoded; now and from
+        here on."""
+        self.text_offload = torch.device(device)
+        self._move_text_encoders(self.text_offload)
+
+    def _move_text_encoders(self, device: torch.device) -> None:
+        for enc in self.text_encoders():
+            enc.to(device)
+        if self.device.type == "cuda" and torch.device(device).type != "cuda":
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------ SD3
@@ -220,8 +252,13 @@ class UNetBackbone(EditBackbone):
         image = self.prepare_image(image)
         if self.is_identity:
             with torch.no_grad():
-                self.identity = self.pipe.encode_identity(image.float())
-            self._cond_cache.clear()
+                identity = self.pipe.encode_identity(image.float())
+            if self.identity is None or not (
+                torch.equal(identity.arcface, self.identity.arcface)
+                and torch.equal(identity.clip, self.identity.clip)
+            ):
+                self._cond_cache.clear()  # the prompts' conditioning depends on the identity
+            self.identity = identity
             return self.pipe.encode_images(image).to(self.dtype)
         vae = self.pipe.vae
         z = vae.encode(image.to(vae.device, vae.dtype)).latent_dist.mode()
@@ -268,12 +305,17 @@ class UNetBackbone(EditBackbone):
 
     def move(self, z, levels, a, b, cond):
         """DDIM, eta = 0: x0 and eps from the prediction at level a, re-noised to level b."""
+        if self.prediction_type == "sample" and a == 0:  # clean level: z = x0, no noise direction
+            return z
         out = self._predict(z, levels[a], cond).float()
         aa, ab = self._alpha(levels, a).to(z.device), self._alpha(levels, b).to(z.device)
         zf = z.float()
         if self.prediction_type == "v_prediction":
             x0 = aa.sqrt() * zf - (1 - aa).sqrt() * out
             eps = (1 - aa).sqrt() * zf + aa.sqrt() * out
+        elif self.prediction_type == "sample":
+            x0 = out
+            eps = (zf - aa.sqrt() * x0) / (1 - aa).sqrt()
         else:
             eps = out
             x0 = (zf - (1 - aa).sqrt() * eps) / aa.sqrt()
@@ -288,7 +330,9 @@ class UNetBackbone(EditBackbone):
         eps = eps.to(z0.device, z0.dtype)
         a = self.alphas_cumprod[t].view(n, 1, 1, 1).to(z0.device, z0.dtype)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
-        target = a.sqrt() * eps - (1 - a).sqrt() * z0 if self.prediction_type == "v_prediction" else eps
+        target = {"v_prediction": a.sqrt() * eps - (1 - a).sqrt() * z0, "sample": z0}.get(
+            self.prediction_type, eps
+        )
         return F.mse_loss(self._predict(zt, t, cond).float(), target.float())
 
 
@@ -298,8 +342,21 @@ def load_backbone(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     resolution: int | None = None,
+    offload_text_encoders: bool | None = None,
 ) -> EditBackbone:
-    """An SD3 folder, an ``idforge export`` folder or a plain SD1.5 folder, by ``model_index.json``."""
+    """An SD3 folder, an ``idforge export`` folder or a plain SD1.5 folder, by ``model_index.json``.
+
+    ``offload_text_encoders``: keep the text encoders on the CPU between prompt encodings
+    (:meth:`EditBackbone.offload_text_encoders`); None: when ``device`` is a GPU."""
+    bb = _load_backbone(folder, device, dtype, resolution)
+    if offload_text_encoders is None:
+        offload_text_encoders = torch.device(device).type == "cuda"
+    if offload_text_encoders:
+        bb.offload_text_encoders("cpu")
+    return bb
+
+
+def _load_backbone(folder, device, dtype, resolution) -> EditBackbone:
     folder = Path(folder)
     index_file = folder / "model_index.json"
     if not index_file.is_file():

@@ -131,6 +131,7 @@ class Editor:
         levels = bb.levels(steps, strength)
         big_k = len(levels) - 1
         k_m = min(big_k - 1, max(0, round(big_k * mask_at)))
+        bb.encode_prompts([source, target])  # one text-encoder visit per edit (SPEC sec. 5)
         if chain and getattr(self, "last", None) is not None:
             self.z0 = self.last
         use_attention = concept is not None and mask is None

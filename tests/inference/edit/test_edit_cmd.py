@@ -78,3 +78,55 @@ def test_edit_command_batch_and_sequential_edits_on_sd3(tiny_sd3_dir, tmp_path):
 def test_edit_command_errors_name_the_option(tmp_path, capsys):
     assert main(["edit", "--model", str(tmp_path / "nope"), "--image", "x.jpg"]) != 0
     assert "--model" in capsys.readouterr().err
+
+
+def test_csv_batch_reads_the_same_edits_as_jsonl(tmp_path):
+    from idforge.launch.edit_cmd import read_batch
+
+    rows = [
+        {"image": "a.png", "source": "a person's face with red hair", "target": "a person's face",
+         "concept": "red hair", "preset": "hair_color",
+         "then": [{"target": "a person's face with a hat", "concept": "hat", "mode": "addition"}]},
+        {"image": "b.png", "target": "a person's face", "strength": "0.5"},
+    ]  # fmt: skip
+    (tmp_path / "e.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    (tmp_path / "e.csv").write_text(
+        "image,source,target,concept,preset,strength,then\n"
+        "a.png,a person's face with red hair,a person's face,red hair,hair_color,,"
+        '"[{""target"": ""a person\'s face with a hat"", ""concept"": ""hat"", ""mode"": ""addition""}]"\n'
+        "b.png,,a person's face,,,0.5,\n"
+    )
+    assert read_batch(tmp_path / "e.csv") == read_batch(tmp_path / "e.jsonl") == rows
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("no_col.csv", "image,source\na.png,x\n", r"no_col\.csv: the header \(line 1: image, source\) has no 'target'"),
+        ("empty_cell.csv", "image,target\na.png,t\n,t\n", r"empty_cell\.csv: line 3 has no 'image'"),
+        ("short.csv", "image,target\na.png\n", r"short\.csv: line 2 has no 'target'"),
+        ("bad_then.csv", "image,target,then\na.png,t,[x\n", r"bad_then\.csv: line 2, column 'then'"),
+        ("lines.jsonl", '{"image": "a.png", "target": "t"}\n{"image": "b.png"}\n', r"lines\.jsonl: line 2 has no 'target'"),
+    ],
+)  # fmt: skip
+def test_batch_errors_name_the_file_the_row_and_the_missing_column(tmp_path, name, text, message):
+    from idforge.launch.edit_cmd import read_batch
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        read_batch(tmp_path / name)
+    assert "\n" not in str(e.value)
+
+
+def test_edit_command_runs_a_csv_batch(tiny_export_dir, tmp_path):
+    _photo_with_gps(tmp_path / "a.png")
+    (tmp_path / "edits.csv").write_text(
+        "image,source,target,concept\na.png,a person's face with red hair,a person's face,red hair\n"
+    )
+    out = tmp_path / "out"
+    rc = main(["edit", "--config", str(Path(CONFIGS[0]).parent / "tiny.yaml"), "--model", str(tiny_export_dir),
+               "--batch", str(tmp_path / "edits.csv"), "--out", str(out), "--steps", "4"])  # fmt: skip
+    assert rc == 0
+    assert {p.name for p in (out / "0000").iterdir()} == {"edited.png", "mask.png"}
+    info = json.loads(Image.open(out / "0000" / "edited.png").text["idforge:edit"])
+    assert info["source"] == "a person's face with red hair" and info["concept"] == "red hair"

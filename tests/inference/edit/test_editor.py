@@ -138,3 +138,20 @@ def test_adam8bit_without_bitsandbytes_names_the_extra(tiny_sd3_dir):
     ed = Editor(load_backbone(tiny_sd3_dir), photo())
     with pytest.raises(ImportError, match=r"idforge\[bnb\]"):
         ed.finetune(SRC, FinetuneConfig(steps=1, optimizer="adam8bit"))
+
+
+def test_x0_predicting_unet_moves_by_ddim_and_trains_on_the_clean_latent(tiny_export_dir, monkeypatch):
+    """prediction_type "sample" (the demo's export): x0 is the output, eps follows from it; at the clean
+    level there is no noise direction, so the first inversion step keeps the latent."""
+    bb = load_backbone(tiny_export_dir)
+    bb.prediction_type = "sample"
+    z, x0 = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    monkeypatch.setattr(bb, "_predict", lambda z_, t, cond: x0.expand_as(z_))
+    levels = bb.levels(10, 0.5)
+    aa, ab = bb.alphas_cumprod[int(levels[3])], bb.alphas_cumprod[int(levels[2])]
+    eps = (z - aa.sqrt() * x0) / (1 - aa).sqrt()
+    assert torch.allclose(bb.move(z, levels, 3, 2, None), ab.sqrt() * x0 + (1 - ab).sqrt() * eps, atol=1e-5)
+    assert torch.allclose(bb.move(z, levels, 1, 0, None), x0, atol=1e-5)
+    assert torch.equal(bb.move(z, levels, 0, 1, None), z)
+    t = torch.tensor([100, 900])
+    assert float(bb.training_loss(x0.expand(2, -1, -1, -1), None, t, torch.randn(2, 4, 4, 4))) == 0.0
