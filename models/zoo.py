@@ -18,6 +18,7 @@ component          real source
 UNet, VAE, text    ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (subfolders), SD1.5
 CLIP image         ``hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (open_clip, 1024-d)
 face (ArcFace)     ``~/.insightface/models/antelopev2/glintr100.onnx`` (converted to torch)
+VLM judge (eval)   e.g. ``Qwen/Qwen2-VL-7B-Instruct``; tiny twin: :func:`build_tiny_vlm` (LLaVA)
 =================  =====================================================================
 """
 
