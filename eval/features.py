@@ -3,8 +3,14 @@
 ``load_fid_features(spec)`` returns a callable images (N, 3, H, W) in [-1, 1] -> features (N, D):
 
 - ``inception:PATH``: torch-fidelity's FID Inception-v3 (2048-d pool features) from the local
-  weights file ``pt_inception-2015-12-05-6726825d.pth`` through torchmetrics' ``NoTrainInceptionV3``
-  (the extractor of ``torchmetrics.image.FrechetInceptionDistance``); needs ``torch-fidelity``.
+  weights file ``weights-inception-2015-12-05-6726825d.pth`` through torchmetrics' ``NoTrainInceptionV3``
+  (the extractor of ``torchmetrics.image.FrechetInceptionDistance``); needs ``torch-fidelity``. The
+  weights are the TF-slim FID Inception (Heusel et al.'s ``pool_3``) ported by torch-fidelity; fetch
+  them once from its GitHub release
+  (``github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth``)
+  and pass the file; idforge never lets torch-fidelity download (with a path it loads that file; the
+  file is first checked with ``torch.load(weights_only=True)`` because torch-fidelity unpickles it).
+  The tests save a random-weight copy of the same network and load it through this code.
 - ``clip:SPEC``: open_clip image embeddings (clean-fid's CLIP-FID), SPEC as in
   :class:`idforge.eval.clip_score.ClipModel`; the tests use a tiny random open_clip folder here.
 
@@ -28,12 +34,24 @@ def _inception(path: str) -> FeatureFn:
     if not p.is_file():
         raise FileNotFoundError(
             f"inception:{path}: no such weights file; pass torch-fidelity's "
-            "pt_inception-2015-12-05-6726825d.pth (idforge never downloads weights)"
+            "weights-inception-2015-12-05-6726825d.pth (idforge never downloads weights)"
         )
     try:
         from torchmetrics.image.fid import NoTrainInceptionV3
     except ImportError as e:  # pragma: no cover - depends on the install
         raise ImportError("inception FID features need torch-fidelity: pip install 'idforge[fid]'") from e
+    try:  # torch-fidelity unpickles the file (weights_only=False): first check it holds tensors only
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"inception:{path}: not a plain state-dict checkpoint ({type(e).__name__}); pass torch-fidelity's "
+            "weights-inception-2015-12-05-6726825d.pth"
+        ) from e
+    if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
+        raise ValueError(
+            f"inception:{path}: not torch-fidelity's FID Inception-v3 state dict (no Mixed_7c layers); pass "
+            "weights-inception-2015-12-05-6726825d.pth"
+        )
     net = NoTrainInceptionV3(
         name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=str(p)
     ).eval()

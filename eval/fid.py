@@ -6,7 +6,7 @@ d^2 = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2}), is torchmetrics' ow
 computed ourselves so they can be cached per image and resumed (:mod:`idforge.eval.features`).
 
 Feature weights never download: ``inception:PATH`` loads torch-fidelity's FID Inception-v3
-(``pt_inception-2015-12-05-6726825d.pth``, the weights every FID paper uses) from a local file
+(``weights-inception-2015-12-05-6726825d.pth``, the weights every FID paper uses) from a local file
 through torchmetrics' ``NoTrainInceptionV3``; ``clip:SPEC`` uses open_clip image features
 (clean-fid's CLIP-FID variant), which is what the tests run with a tiny random open_clip folder.
 """

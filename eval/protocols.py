@@ -5,7 +5,8 @@
 - ``flashface`` (FlashFace sec. 4, Table 1): 4 references + 1 target per held-out identity;
   Sim_Target, Sim_Ref, Paste, CLIP score (image-text, to the target's caption), FID.
 - ``edits`` (FlowID / FINEdits): IP, CLIP, FID, CMMD, LPIPS, VLM over a folder of edits; the quality
-  metrics over successful edits only; a sequence of edits stops at its first failure.
+  metrics over successful edits only (VLM < ``success_threshold``, the yes/no score of
+  ``vlm_model`` asked ``vlm_question``); a sequence of edits stops at its first failure.
 
 ``reference_rows`` are the papers' published numbers (SPEC sec. 8), printed as reference rows and
 marked as such: they were measured on the papers' data with real weights.
@@ -38,8 +39,12 @@ class Protocol:
     seed: int = 0
     batch_size: int = 8
     max_identities: int = 200
-    vlm_question: str = "Is this person's face injured?"
+    # the VLM's question (FlowID sec. 4.1); ``{concept}`` in it is filled with each edit's concept
+    vlm_question: str = "Is this person's face injured? Only answer with yes or no."
+    vlm_model: str | None = None  # local VLM folder or cached hub name (idforge.eval.vlm); --vlm overrides
+    vlm_prompt: str | None = None  # '{image}...{question}...' for VLMs without a chat template
     success_threshold: float = 0.5  # an edit succeeds when its VLM score is below this (SPEC sec. 8)
+    vlm_success: str = "below"  # or "above": the question asks about what the edit adds (FlowID Table 1b)
     reference_rows: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -49,6 +54,10 @@ class Protocol:
         if unknown:
             raise ValueError(
                 f"protocol {self.name}: unknown metrics {sorted(unknown)}; known: {sorted(METRICS)}"
+            )
+        if self.vlm_success not in ("below", "above"):
+            raise ValueError(
+                f"protocol {self.name}: vlm_success must be 'below' or 'above', got {self.vlm_success!r}"
             )
         if self.references < 1 or self.targets < 0:
             raise ValueError(f"protocol {self.name}: references must be >= 1 and targets >= 0")

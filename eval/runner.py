@@ -41,6 +41,8 @@ class Scorers:
     clip: object | None = None  # idforge.eval.clip_score.ClipModel
     fid_features: FeatureFn | None = None
     fid_name: str = "fid"
+    vlm: object | None = None  # idforge.eval.vlm.VlmJudge (edit protocols)
+    lpips: torch.nn.Module | None = None  # idforge.eval.lpips_metric.load_lpips (edit protocols)
     cache: FeatureCache = field(default_factory=lambda: FeatureCache(None))
 
 

@@ -36,6 +36,79 @@ def _load_folder(folder: Path, identities: list[str], resolution: int) -> torch.
     return torch.stack(out)
 
 
+def _evaluate_edits(
+    proto, edits, images, judge, vlm, clip, fid_features, lpips, detector, out, batch_size
+) -> int:
+    """``idforge eval --protocol edits``: score the folder ``idforge edit --batch`` wrote."""
+    from idforge.data_pipeline.align import template_for
+    from idforge.eval.edits import load_edit_outputs, score_edits
+    from idforge.eval.features import FeatureCache, load_fid_features
+    from idforge.eval.identity import load_judge
+    from idforge.eval.runner import Scorers, markdown_table
+    from idforge.eval.vlm import VlmJudge
+
+    if edits is None or images is None:
+        raise ValueError(
+            f"--protocol {proto.name}: pass --edits BATCH.jsonl and --images OUT (the folder `idforge edit --batch` wrote)"
+        )
+    if judge is None:
+        raise ValueError(f"--protocol {proto.name}: pass --judge (a face encoder) for IP")
+    model = vlm or proto.vlm_model
+    if model is None:
+        raise ValueError(
+            f"--protocol {proto.name}: pass --vlm (a local VLM folder) or set vlm_model in the protocol"
+        )
+    t0 = time.time()
+    items = load_edit_outputs(Path(edits), Path(images))
+    encoder, judge_name = load_judge(judge)
+    det = None
+    if detector != "template":
+        from idforge.data_pipeline.detect import make_detector
+
+        det = make_detector(detector)
+    out_dir = (out.parent if out.suffix == ".json" else out) if out else Path("eval_out")
+    scorers = Scorers(
+        judge=encoder,
+        judge_name=judge_name,
+        detector=det,
+        template_landmarks=torch.as_tensor(template_for(items[0].edited.shape[-1]), dtype=torch.float32),
+        fid_features=load_fid_features(fid_features) if fid_features else None,
+        fid_name=(fid_features or "fid").split(":")[0],
+        cache=FeatureCache(out_dir / "cache" / "features"),
+        vlm=VlmJudge(model, proto.vlm_question, prompt=proto.vlm_prompt, batch_size=batch_size),
+    )
+    if clip:
+        from idforge.eval.clip_score import ClipModel
+
+        scorers.clip = ClipModel(clip)
+    if lpips is not None:
+        from idforge.eval.lpips_metric import TORCHVISION_NET, load_lpips
+
+        net, _, path = (
+            str(lpips).partition(":") if str(lpips).split(":")[0] in TORCHVISION_NET else ("", "", lpips)
+        )
+        scorers.lpips = load_lpips(path, net=net or "alex")
+    records, summary = score_edits(items, proto, scorers)
+    result = {
+        "protocol": proto.name,
+        "judge": judge_name,
+        "detector": "template landmarks (no detection)" if det is None else f"{detector} detector",
+        "vlm": str(model),
+        "vlm_question": proto.vlm_question,
+        "success_threshold": proto.success_threshold,
+        "rows": {"edits": summary},
+        "edits": records,
+        "seconds": round(time.time() - t0, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{proto.name}.json").write_text(json.dumps(result, indent=2))
+    (out_dir / f"{proto.name}.md").write_text(markdown_table(result, proto))
+    if out is not None and out.suffix == ".json":
+        out.write_text(json.dumps(result, indent=2))
+    print((out_dir / f"{proto.name}.md").read_text())
+    return 0
+
+
 def evaluate(
     model: Path | None = None,
     shards: str | None = None,
@@ -52,6 +125,9 @@ def evaluate(
     fid_features: str | None = None,
     detector: str = "template",
     batch_size: int = 8,
+    edits: Path | None = None,
+    vlm: str | None = None,
+    lpips: str | None = None,
 ) -> int:
     """Score an exported model (or a folder of images) with an evaluation protocol.
 
@@ -73,7 +149,12 @@ def evaluate(
             FID/FIQ skipped without it.
         detector: how faces in scored images are located: `template` (the aligned-crop template, every
             image counts as detected), `insightface` or `dlib` (undetected faces are counted).
-        batch_size: images per sampling batch.
+        batch_size: images per sampling batch (and per VLM forward).
+        edits: edit protocols: the JSONL given to `idforge edit --batch`; --images is its --out folder.
+        vlm: edit protocols: local VLM folder (or cached hub name) for the yes/no score; default the
+            protocol's vlm_model.
+        lpips: edit protocols: LPIPS backbone, a torchvision checkpoint as `alex:PATH` (default net,
+            alexnet-owt-7be5be79.pth), `vgg:PATH` or `squeeze:PATH`; LPIPS skipped without it.
     """
     from idforge.data_pipeline.align import template_for
     from idforge.eval.features import FeatureCache, load_fid_features
@@ -99,9 +180,9 @@ def evaluate(
 
     t0 = time.time()
     proto = load_protocol(protocol)
-    if proto.kind != "generate":
-        raise ValueError(
-            f"--protocol {protocol}: edit protocols are scored with the edit metrics API, not here yet"
+    if proto.kind == "edit":
+        return _evaluate_edits(
+            proto, edits, images, judge, vlm, clip, fid_features, lpips, detector, out, batch_size
         )
     for key, val in (
         ("steps", steps),

@@ -18,6 +18,7 @@ component          real source
 UNet, VAE, text    ``stable-diffusion-v1-5/stable-diffusion-v1-5`` (subfolders), SD1.5
 CLIP image         ``hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (open_clip, 1024-d)
 face (ArcFace)     ``~/.insightface/models/antelopev2/glintr100.onnx`` (converted to torch)
+VLM judge (eval)   e.g. ``Qwen/Qwen2-VL-7B-Instruct``; tiny twin: :func:`build_tiny_vlm` (LLaVA)
 =================  =====================================================================
 """
 
@@ -598,4 +599,81 @@ def build_tiny_sd3(folder: str | Path, config: TinySD3Config | None = None) -> P
         )
     )
     log.info("wrote tiny SD3 to %s", folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny vision-language model (the edit protocol's yes/no judge, idforge.eval.vlm), for its tests.
+
+QWEN2_VL = "Qwen/Qwen2-VL-7B-Instruct"  # FINEdits' VLM family (paper 002 sec. 4); any chat VLM works
+VLM_WORDS = "is this person's face injured only answer with yes or no does image show user assistant"
+LLAVA_CHAT_TEMPLATE = (  # LLaVA-1.5's "USER: <image>\n... ASSISTANT:" prompt
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_vlm(folder: str | Path, image_size: int = 32, seed: int = 0, words: str = VLM_WORDS) -> Path:
+    """Write a random-weight LLaVA folder (tiny CLIP vision tower + tiny Llama, ``LlavaProcessor``
+    with an offline sentencepiece-style tokenizer and LLaVA-1.5's chat template) that
+    ``AutoProcessor`` / ``AutoModelForImageTextToText.from_pretrained`` load like a real VLM.
+
+    Every word of ``words`` (and "Yes" / "No") is one ``▁``-prefixed token, so " Yes" and "Yes" encode
+    to the same single token as in Llama's tokenizer; other text falls back to characters.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+    )
+
+    folder = Path(folder)
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'.,-?:!\n"))
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("<pad>", 0.0), ("<image>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -1.0) for w in [*words.split(), "Yes", "No"]]
+    pieces += [(c, -5.0) for c in chars] + [("▁" + c, -4.0) for c in chars]
+    vocab = list({p: (p, s) for p, s in reversed(pieces)}.values())[::-1]  # first occurrence wins
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    patch = image_size // 4  # 4 x 4 image tokens
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=patch, projection_dim=16,
+    )  # fmt: skip
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    _seed(seed)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+    log.info("wrote tiny LLaVA to %s", folder)
     return folder

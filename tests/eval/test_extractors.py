@@ -76,3 +76,53 @@ def test_lpips_loads_backbone_from_local_file(tmp_path):
     assert (lpips_distance(model, a, b) > 0).all()
     with pytest.raises(FileNotFoundError):
         load_lpips(tmp_path / "none.pth", net="alex")
+
+
+def _random_fid_inception(path):
+    """torch-fidelity's FID Inception-v3 with random weights, saved as a state dict like the real file."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    empty = path.with_name("empty.pth")
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+    torch.save(net.state_dict(), path)
+    return net
+
+
+def test_inception_features_load_a_local_file_and_never_download(tmp_path, monkeypatch):
+    import torch.hub
+    import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"torch-fidelity tried to download {args}")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    net = _random_fid_inception(path)
+    fn = load_fid_features(f"inception:{path}")
+    imgs = _images(2, 0)
+    f1 = fn(imgs)
+    assert f1.shape == (2, 2048) and f1.dtype == torch.float64 and torch.isfinite(f1).all()
+    torch.testing.assert_close(fn(imgs[:1]), f1[:1], rtol=1e-5, atol=1e-6)  # deterministic, per image
+    assert not torch.allclose(f1[0], f1[1])  # the images matter
+    u8 = ((imgs + 1) * 127.5).round().to(torch.uint8)  # the file's weights, run directly
+    torch.testing.assert_close(f1, net(u8)[0].double(), rtol=1e-5, atol=1e-6)
+
+
+def test_inception_missing_or_foreign_file_is_a_clear_error(tmp_path):
+    with pytest.raises(
+        FileNotFoundError, match=r"inception:.*none\.pth: no such weights file; pass torch-fidelity"
+    ):
+        load_fid_features(f"inception:{tmp_path / 'none.pth'}")
+    torch.save({"fc.weight": torch.zeros(2)}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match=r"other\.pth: not torch-fidelity's FID Inception-v3 state dict"):
+        load_fid_features(f"inception:{tmp_path / 'other.pth'}")
+    torch.save({"x": object}, tmp_path / "pickled.pth")
+    with pytest.raises(ValueError, match=r"pickled\.pth: not a plain state-dict checkpoint"):
+        load_fid_features(f"inception:{tmp_path / 'pickled.pth'}")

@@ -64,7 +64,11 @@ def test_split_skips_small_identities_and_real_photos_score_themselves():
 
 
 def test_protocol_configs_load_and_table_marks_reference_rows(tmp_path):
-    assert {"diffid", "flashface", "edits", "tiny-diffid", "tiny-flashface"} <= set(protocol_names())
+    names = {"diffid", "flashface", "edits", "edits-ffhq", "tiny-diffid", "tiny-flashface", "tiny-edits"}
+    assert names | {"tiny-edits-ffhq"} <= set(protocol_names())
+    assert (
+        load_protocol("edits").vlm_success == "below" and load_protocol("edits-ffhq").vlm_success == "above"
+    )
     ff = load_protocol("flashface")
     assert ff.references == 4 and {"sim_target", "sim_ref", "paste", "clip", "fid"} <= set(ff.metrics)
     assert load_protocol("diffid").reference_rows["Diff-ID (published, their data)"]["fiq"] == 71.74
