@@ -44,8 +44,8 @@ def sample(
     """Generate images (B, 3, H, W) in [-1, 1] for the given identity embeddings and captions.
 
     ``latents`` (B, C, h, w) starts the sampler from a given z_T (used by morphing); otherwise
-    z_T is drawn with ``config.seed``. ``progress(1)`` is called after every denoising step (a
-    ``tqdm.update``).
+    z_T is drawn with ``config.seed``; the same seeded generator draws DDIM's noise when ``eta > 0``.
+    ``progress(1)`` is called after every denoising step (a ``tqdm.update``).
     """
     from diffusers import DDIMScheduler
 
@@ -55,8 +55,8 @@ def sample(
     sched = DDIMScheduler.from_config(model.scheduler.config)
     sched.set_timesteps(cfg.steps, device=device)
     size = resolution // model.codec.downsample
+    g = torch.Generator(device="cpu").manual_seed(cfg.seed)  # z_T, then DDIM's eta noise
     if latents is None:
-        g = torch.Generator(device="cpu").manual_seed(cfg.seed)
         latents = torch.randn((b, model.codec.latent_channels, size, size), generator=g).to(device)
     latents = latents * sched.init_noise_sigma
     text = model.encode_text(captions)
@@ -75,7 +75,7 @@ def sample(
         if use_cfg:
             pred_null = model.predict(x_in, tt, null)
             pred = pred_null + cfg.guidance_scale * (pred - pred_null)
-        latents = sched.step(pred, t, latents, eta=cfg.eta).prev_sample
+        latents = sched.step(pred, t, latents, eta=cfg.eta, generator=g).prev_sample
         if progress is not None:
             progress(1)
     return model.codec.decode(latents).clamp(-1, 1)

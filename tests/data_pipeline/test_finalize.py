@@ -210,3 +210,14 @@ def test_images_without_identity_take_their_full_key(tmp_path):
     (root / "landmarks.jsonl").write_text("\n".join(lines))
     m = run_curation(CurateConfig(**_kw(root, tmp_path / "o")))
     assert m["identities"] == {"train": 2}
+
+
+def test_refinalizing_into_fewer_shards_removes_the_earlier_runs_extra_shards(synthid_folder, tmp_path):
+    many = run_curation(CurateConfig(**_kw(synthid_folder, tmp_path / "o"), groups_per_shard=1))
+    assert len(many["shards"]) == 6  # 4 train + 2 held-out groups, one per shard
+    few = finalize_curation(CurateConfig(**_kw(synthid_folder, tmp_path / "o"), groups_per_shard=4))
+    assert few["shards"] == ["heldout-000000.tar", "train-000000.tar"]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.tar")) == few["shards"]
+    fresh = run_curation(CurateConfig(**_kw(synthid_folder, tmp_path / "fresh"), groups_per_shard=4))
+    assert fresh["shards"] == few["shards"]
+    assert _shard_bytes(tmp_path / "o") == _shard_bytes(tmp_path / "fresh")

@@ -70,3 +70,29 @@ def test_load_exported_rejects_other_folders(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="idforge export"):
         load_exported(tmp_path)
+
+
+def test_export_is_self_contained_and_carries_the_source_encoders_weights(tiny_zoo, tmp_path):
+    import shutil
+
+    from idforge.inference.export import load_pipeline
+
+    source = tmp_path / "zoo"
+    shutil.copytree(tiny_zoo, source)
+    model = _model(source)
+    export_generator(model, tmp_path / "out", resolution=32)
+    moved = tmp_path / "gone"
+    source.rename(moved)  # the source model folder is no longer where the generator was built from
+    shutil.rmtree(moved)
+    pipe = load_pipeline(tmp_path / "out")
+    source_clip = model.image_encoder.visual.state_dict()
+    exported_clip = pipe.image_encoder.encoder.visual.state_dict()
+    assert set(exported_clip) == set(source_clip)
+    assert all(torch.equal(v, source_clip[k]) for k, v in exported_clip.items())
+    source_face = model.face_encoder.state_dict()
+    assert all(torch.equal(v, source_face[k]) for k, v in pipe.face_encoder.encoder.state_dict().items())
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(pipe.image_encoder(x), model.image_encoder(x), atol=1e-6)
+    loaded, _ = load_exported(tmp_path / "out")
+    assert torch.allclose(_generate(model), _generate(loaded), atol=1e-5)

@@ -45,3 +45,38 @@ def test_no_val_shards_means_no_validation_and_bad_modes_are_refused(shard_dir):
         _module(shard_dir, mode="pairs")
     with pytest.raises(ValueError, match="reference"):
         _module(shard_dir, reference="random")
+
+
+def test_shard_urls_expand_from_globs_braces_and_lists(tmp_path):
+    from idforge.train.data import expand_urls
+
+    for name in ("s-000002.tar", "s-000000.tar", "s-000001.tar", "other.tar"):
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(tmp_path / f"s-00000{i}.tar") for i in range(3)]
+    assert expand_urls(str(tmp_path / "s-*.tar")) == expected  # sorted, other files left out
+    assert expand_urls(str(tmp_path / "s-00000[0-2].tar")) == expected
+    assert expand_urls(str(tmp_path / "s-{000000..000002}.tar")) == expected
+    assert expand_urls(str(tmp_path / "{s-000001,other}.tar")) == [
+        str(tmp_path / n) for n in ("s-000001.tar", "other.tar")
+    ]
+    assert expand_urls([tmp_path / "b.tar", "a.tar"]) == [
+        str(tmp_path / "b.tar"),
+        "a.tar",
+    ]  # lists kept as given
+    with pytest.raises(FileNotFoundError, match="no shards match"):
+        expand_urls(str(tmp_path / "missing-*.tar"))
+
+
+def test_datamodule_reads_the_same_photos_through_a_brace_pattern_as_through_a_glob(shard_dir):
+    import glob
+
+    names = sorted(glob.glob(str(shard_dir / "val-*.tar")))
+    first, last = names[0][-10:-4], names[-1][-10:-4]
+    brace = str(shard_dir / f"val-{{{first}..{last}}}.tar")
+
+    def captions(urls):
+        dm = ShardDataModule(train_shards=urls, val_shards=urls, batch_size=2, num_workers=0, resolution=16)
+        dm.setup("fit")
+        return sorted(c for batch in dm.val_dataloader() for c in batch["caption"])
+
+    assert captions(brace) == captions(str(shard_dir / "val-*.tar")) == _all_photos(1)

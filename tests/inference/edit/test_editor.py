@@ -128,7 +128,6 @@ def test_sequential_edits_reuse_the_tuned_model(tiny_sd3_dir):
 
 
 def test_adam8bit_without_bitsandbytes_names_the_extra(tiny_sd3_dir):
-    pytest.importorskip("torch")
     try:
         import bitsandbytes  # noqa: F401
 
