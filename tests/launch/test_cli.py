@@ -191,23 +191,15 @@ def test_eval_progress_total_matches_the_steps_sampled(demo_out):
     from idforge.data_pipeline.align import template_for
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.eval.groups import load_groups
-    from idforge.inference.export import load_exported
-    from idforge.inference.sampling import SamplingConfig
+    from idforge.inference.export import load_pipeline
 
-    model, manifest = load_exported(demo_out / "export")
-    res = int(manifest["resolution"])
+    pipe = load_pipeline(demo_out / "export")
+    res, crop = int(pipe.config.resolution), float(pipe.config.crop_scale)
     groups = load_groups(sorted(str(p) for p in (demo_out / "shards").glob("heldout-*.tar")), res)[:3]
-    sampling = SamplingConfig(steps=2)
     calls = []
-    lms = torch.as_tensor(template_for(res, float(manifest["crop_scale"])), dtype=torch.float32)
+    lms = torch.as_tensor(template_for(res, crop), dtype=torch.float32)
     identity_benchmark(
-        model,
-        groups,
-        model.face_encoder,
-        sampling,
-        generated_landmarks=lms,
-        batch_size=2,
-        progress=calls.append,
+        pipe, groups, pipe.face_encoder, steps=2, generated_landmarks=lms, batch_size=2, progress=calls.append
     )
     # 2 batches of identities x (adapter, text-only) x 2 steps
-    assert sum(calls) == benchmark_steps(len(groups), sampling, batch_size=2) == 8
+    assert sum(calls) == benchmark_steps(len(groups), 2, batch_size=2) == 8
