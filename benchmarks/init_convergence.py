@@ -112,7 +112,7 @@ def attach_and_train(init: str, spec, cfg: dict, data: Path, steps: int, lr: flo
     import lightning as L
     from idforge.data_pipeline.align import template_for
     from idforge.eval.benchmark import identity_benchmark
-    from idforge.inference.sampling import SamplingConfig
+    from idforge.inference.export import pipeline_from_generator
     from idforge.launch.demo_data import heldout_groups, shard_loader
     from idforge.models.generator import GeneratorConfig
     from idforge.train.module import IdentityDiffusionModule
@@ -120,12 +120,21 @@ def attach_and_train(init: str, spec, cfg: dict, data: Path, steps: int, lr: flo
     L.seed_everything(seed, verbose=False)
     groups = heldout_groups(data / "shards", cfg["resolution"])
     lms = torch.as_tensor(template_for(cfg["resolution"], cfg["crop_scale"]), dtype=torch.float32)
-    sampling = SamplingConfig(steps=cfg["sampling_steps"], seed=seed, guidance_scale=cfg["guidance_scale"])
 
     def evaluate(model) -> dict:
         was_training = model.training
         model.eval()
-        fig, _ = identity_benchmark(model, groups, model.face_encoder, sampling, generated_landmarks=lms)
+        pipe = pipeline_from_generator(model, cfg["resolution"])
+        pipe.set_progress_bar_config(disable=True)
+        fig, _ = identity_benchmark(
+            pipe,
+            groups,
+            model.face_encoder,
+            steps=cfg["sampling_steps"],
+            guidance_scale=cfg["guidance_scale"],
+            seed=seed,
+            generated_landmarks=lms,
+        )
         model.train(was_training)
         return {k: round(float(fig[k]), 4) for k in ("fs_adapter", "fs_text_only")}
 

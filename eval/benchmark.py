@@ -17,41 +17,47 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from idforge.inference.sampling import SamplingConfig, sample
-from idforge.models.generator import IdentityGenerator
 
 from .groups import IdentityGroup
 from .identity import cosine, embed_faces
 
 
-def benchmark_steps(num_groups: int, sampling: SamplingConfig | None = None, batch_size: int = 32) -> int:
+def benchmark_steps(num_groups: int, steps: int, batch_size: int = 32) -> int:
     """Denoising steps :func:`identity_benchmark` runs (adapter + text-only, per batch): a progress total."""
     batches = -(-num_groups // batch_size)
-    return 2 * batches * (sampling or SamplingConfig()).steps
+    return 2 * batches * steps
 
 
 @torch.no_grad()
 def identity_benchmark(
-    model: IdentityGenerator,
+    pipe,
     groups: list[IdentityGroup],
     face_encoder: torch.nn.Module,
-    sampling: SamplingConfig | None = None,
+    steps: int = 25,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
     generated_landmarks: torch.Tensor | None = None,
     batch_size: int = 32,
     progress: Callable[[int], object] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the benchmark; returns (figures, images) with images["reference"|"adapter"|"text_only"].
 
-    ``face_encoder`` is the evaluation ArcFace (may differ from the one the generator conditions on).
-    ``generated_landmarks`` (5, 2) places the face in generated images (models trained on aligned
-    crops generate aligned faces); by default each reference's landmarks are used. ``progress(1)``
-    is called after every denoising step (:func:`benchmark_steps` gives the total).
+    ``pipe`` is an :class:`~idforge.inference.pipeline.IdentityPipeline` (``load_pipeline`` of an
+    export, or ``pipeline_from_generator`` of a live model); every batch starts from the z_T of
+    ``seed`` and runs ``steps`` DDIM steps (the pipeline's scheduler) with classifier-free guidance
+    ``guidance_scale`` against the null identity. ``face_encoder`` is the evaluation ArcFace (may
+    differ from the one the generator conditions on). ``generated_landmarks`` (5, 2) places the face
+    in generated images (models trained on aligned crops generate aligned faces); by default each
+    reference's landmarks are used. ``progress(1)`` is called after every denoising step
+    (:func:`benchmark_steps` gives the total).
     """
+    from idforge.inference.pipeline import IdentityEmbeds
+
     if len(groups) < 2:
         raise ValueError("identity_benchmark needs at least 2 held-out identities (for the floor figure)")
     if any(g.images.shape[0] < 2 for g in groups):
         raise ValueError("every held-out identity needs at least 2 photos (reference + gallery)")
-    device = model.device
+    device = pipe._execution_device
     refs = torch.stack([g.images[0] for g in groups]).to(device)
     ref_lms = torch.stack([g.landmarks[0] for g in groups]).to(device)
     captions = [g.captions[1] for g in groups]
@@ -63,22 +69,30 @@ def identity_benchmark(
     gallery = torch.stack(gallery)
     ref_emb = embed_faces(face_encoder, refs, ref_lms)
 
+    def on_step(p, step, t, kwargs):
+        if progress is not None:
+            progress(1)
+        return kwargs
+
     outs = {"adapter": [], "text_only": []}
     for i in range(0, len(groups), batch_size):
         sl = slice(i, i + batch_size)
-        e_arc, e_clip = model.identity_embeds(refs[sl], ref_lms[sl])
-        for name, scale in (("adapter", 1.0), ("text_only", 0.0)):
-            outs[name].append(
-                sample(
-                    model,
-                    captions[sl],
-                    e_arc * scale,
-                    e_clip * scale,
-                    resolution,
-                    sampling,
-                    progress=progress,
-                )
-            )
+        ids = [pipe.encode_identity(refs[j : j + 1], ref_lms[j : j + 1]) for j in range(len(groups))[sl]]
+        identity = IdentityEmbeds(torch.cat([e.arcface for e in ids]), torch.cat([e.clip for e in ids]))
+        # text-only: the identity input zeroed (the null identity identity dropout trains)
+        for name, ident in (("adapter", identity), ("text_only", identity.zeros_like())):
+            images = pipe(
+                captions[sl],
+                identity=ident,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                height=resolution,
+                width=resolution,
+                generator=torch.Generator(device="cpu").manual_seed(seed),
+                output_type="pt",
+                callback_on_step_end=on_step,
+            ).images
+            outs[name].append((images.float() * 2 - 1).clamp(-1, 1))  # [0, 1] -> [-1, 1]
     images = {"reference": refs.cpu(), **{k: torch.cat(v).cpu() for k, v in outs.items()}}
     gen_lms = ref_lms if generated_landmarks is None else generated_landmarks.to(device).expand_as(ref_lms)
     fig = {}

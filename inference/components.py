@@ -130,18 +130,20 @@ class ImageEncoderModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_encoder(cls, encoder: ClipImageEncoder, spec: str) -> ImageEncoderModel:
-        """Wrap a loaded :class:`ClipImageEncoder` whose open_clip spec is ``spec``."""
+        """Wrap a loaded :class:`ClipImageEncoder` whose open_clip spec is ``spec``, sharing it (nothing is
+        copied: a training run's sample grids build a pipeline around the live model)."""
         cfg = open_clip_model_config(spec)["model_cfg"]
-        model = cls(
-            embed_dim=int(cfg["embed_dim"]),
-            vision_cfg=cfg["vision_cfg"],
-            quick_gelu=bool(cfg.get("quick_gelu", False)),
-            image_size=int(encoder.image_size),
-            mean=tuple(float(v) for v in encoder.mean.flatten()),
-            std=tuple(float(v) for v in encoder.std.flatten()),
-            tokens=encoder.tokens,
-        )
-        model.encoder.visual.load_state_dict(encoder.visual.state_dict(), strict=True)
+        with torch.device("meta"):  # a skeleton for the config only: the tower is shared, not rebuilt
+            model = cls(
+                embed_dim=int(cfg["embed_dim"]),
+                vision_cfg=cfg["vision_cfg"],
+                quick_gelu=bool(cfg.get("quick_gelu", False)),
+                image_size=int(encoder.image_size),
+                mean=tuple(float(v) for v in encoder.mean.flatten()),
+                std=tuple(float(v) for v in encoder.std.flatten()),
+                tokens=encoder.tokens,
+            )
+        model.encoder = encoder
         return model
 
     @property
@@ -179,8 +181,10 @@ class FaceEncoderModel(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_encoder(cls, encoder: FaceEncoder) -> FaceEncoderModel:
-        model = cls(**asdict(encoder.backbone.config))
-        model.encoder.load_state_dict(encoder.state_dict(), strict=True)
+        """Wrap a loaded :class:`FaceEncoder`, sharing it (nothing is copied)."""
+        with torch.device("meta"):
+            model = cls(**asdict(encoder.backbone.config))
+        model.encoder = encoder
         return model
 
     @property

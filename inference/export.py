@@ -48,8 +48,9 @@ IP_ADAPTER_FILE = "ip-adapter.safetensors"
 def pipeline_from_generator(
     model: IdentityGenerator, resolution: int, crop_scale: float = 1.0, scheduler: str = "ddim"
 ) -> IdentityPipeline:
-    """An :class:`IdentityPipeline` sharing ``model``'s weights (nothing is copied but the encoders'
-    wrappers), with an inference ``scheduler`` on the training noise schedule."""
+    """An :class:`IdentityPipeline` sharing ``model``'s modules (nothing is copied: the encoders get
+    thin diffusers wrappers), with an inference ``scheduler`` on the training noise schedule. Sampling
+    of a live model (the demo's benchmark, the training sample grids) goes through this."""
     image_encoder = getattr(model, "image_encoder_model", None)
     if image_encoder is None:
         spec = getattr(model, "zoo_spec", None)

@@ -40,7 +40,12 @@ def ddim_invert(
     """z_0 (B, C, h, w) -> z_T by DDIM inversion under the given conditioning (no guidance)."""
     from diffusers import DDIMInverseScheduler
 
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    config = pipe.scheduler.config
+    # The first inverse step starts at alpha_bar = 1 (set_alpha_to_one) where an x0-predicting
+    # model's noise estimate (z - sqrt(a) x0) / sqrt(1 - a) is 0/0 (NaN); starting at alpha_bar_0
+    # makes that step the identity instead (the same alpha on both sides), which it is in the limit.
+    extra = {"set_alpha_to_one": False} if config.prediction_type == "sample" else {}
+    inverse = DDIMInverseScheduler.from_config(config, **extra)
     with _scheduler(pipe, inverse):
         return pipe(
             [prompt] * latents.shape[0],

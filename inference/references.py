@@ -39,10 +39,12 @@ def aligned_reference(
     landmarks=None,
     detector: str = "auto",
     face_index: int | None = None,
+    landmarks_option: str = "--landmarks",
 ) -> np.ndarray:
     """The (resolution, resolution, 3) uint8 aligned crop of the face in ``path``.
 
-    ``landmarks`` (5 [x, y] pairs, ArcFace order) bypass detection.
+    ``landmarks`` (5 [x, y] pairs, ArcFace order) bypass detection; ``landmarks_option`` is the
+    command-line option that passes them, named in the errors.
     """
     from idforge.data_pipeline.align import align_face
     from idforge.data_pipeline.detect import make_detector, resolve_detector
@@ -51,12 +53,13 @@ def aligned_reference(
     if landmarks is not None:
         lms = np.asarray(landmarks, dtype=np.float32)
         if lms.shape != (5, 2):
-            raise ValueError(f"{path}: --landmarks must be 5 [x, y] pairs, got shape {lms.shape}")
+            raise ValueError(f"{path}: {landmarks_option} must be 5 [x, y] pairs, got shape {lms.shape}")
     else:
         faces = make_detector(resolve_detector(detector, has_landmarks=False)).detect(image)
         if not faces:
             raise ValueError(
-                f"{path}: no face found; pass a photo with a visible face, or its 5 landmarks with --landmarks"
+                f"{path}: no face found; pass a photo with a visible face, or its 5 landmarks with "
+                f"{landmarks_option}"
             )
         faces = sorted(faces, key=lambda f: f.area, reverse=True)
         index = 0 if face_index is None else face_index

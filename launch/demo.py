@@ -115,8 +115,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     from idforge.data_pipeline.align import template_for
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
-    from idforge.inference.export import export_generator, load_exported
-    from idforge.inference.sampling import SamplingConfig
+    from idforge.inference.export import export_generator, load_pipeline
     from idforge.models.face.iresnet import IResNetConfig
     from idforge.models.generator import GeneratorConfig
     from idforge.models.losses import IdentityLossConfig
@@ -219,15 +218,21 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     export_dir = export_generator(
         module.model, out / "export", cfg.resolution, extra={"crop_scale": cfg.crop_scale}
     )
-    model, _ = load_exported(export_dir)
+    pipe = load_pipeline(export_dir)
     clock.done("export", str(export_dir))
 
     groups = heldout_groups(out / "shards", cfg.resolution)
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
-    sampling = SamplingConfig(steps=cfg.sampling_steps, seed=cfg.seed, guidance_scale=cfg.guidance_scale)
-    with tqdm(total=benchmark_steps(len(groups), sampling), unit="step", desc="generate") as bar:
+    with tqdm(total=benchmark_steps(len(groups), cfg.sampling_steps), unit="step", desc="generate") as bar:
         figures, images = identity_benchmark(
-            model, groups, model.face_encoder, sampling, generated_landmarks=lms, progress=bar.update
+            pipe,
+            groups,
+            pipe.face_encoder,
+            steps=cfg.sampling_steps,
+            guidance_scale=cfg.guidance_scale,
+            seed=cfg.seed,
+            generated_landmarks=lms,
+            progress=bar.update,
         )
     clock.done("generate + evaluate", f"{len(groups)} held-out identities")
 

@@ -45,8 +45,12 @@ def morph(
         raise FileNotFoundError(f"--model {model}: no such folder (write one with `idforge export`)")
     pipe = load_pipeline(model, device=device)
     res, crop = int(pipe.config.resolution), float(pipe.config.crop_scale)
-    img_a = to_tensor([aligned_reference(a, res, crop, landmarks_a, detector)])
-    img_b = to_tensor([aligned_reference(b, res, crop, landmarks_b, detector)])
+    img_a = to_tensor(
+        [aligned_reference(a, res, crop, landmarks_a, detector, landmarks_option="--landmarks_a")]
+    )
+    img_b = to_tensor(
+        [aligned_reference(b, res, crop, landmarks_b, detector, landmarks_option="--landmarks_b")]
+    )
     images = run_morph(pipe, img_a, img_b, frames=frames, strategy=strategy, prompt=prompt, steps=steps)
     out.mkdir(parents=True, exist_ok=True)
     pics = []

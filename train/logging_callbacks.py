@@ -6,7 +6,8 @@
   per-term losses (``train/denoise``, ``train/identity``, ...) from the module itself.
 - :class:`SampleGridCallback` generates, every ``every_n_steps`` and at the end of training, one
   image per fixed held-out identity (the first ``num_identities`` identities of the validation shards,
-  read in order) with the generator's own DDIM sampler, and writes a grid of rows
+  read in order) with :class:`~idforge.inference.pipeline.IdentityPipeline` (the export's sampler, around
+  the live modules), and writes a grid of rows
   ``reference | generated`` as ``<log_dir>/samples/step_NNNNNNN.png`` and to the logger (wandb's
   ``log_image``, TensorBoard's ``add_image``; other loggers get the PNG only). Rank 0 only.
 - :class:`RankSampleRecorder` writes, per rank, the sample keys, an image checksum and a checksum of
@@ -151,8 +152,10 @@ class SampleGridCallback(L.Callback):
 
     @torch.no_grad()
     def generate(self, trainer, pl_module) -> torch.Tensor:
-        """The grid (3, N*H, 2*W) uint8 for the current weights."""
-        from idforge.inference.sampling import SamplingConfig, sample
+        """The grid (3, N*H, 2*W) uint8 for the current weights, sampled by an :class:`IdentityPipeline`
+        around the live modules (``pipeline_from_generator``: shared, not copied)."""
+        from idforge.inference.export import pipeline_from_generator
+        from idforge.inference.pipeline import IdentityEmbeds
 
         refs = self._references(trainer)
         model = pl_module.model
@@ -165,11 +168,19 @@ class SampleGridCallback(L.Callback):
             e_arc, e_clip = model.identity_embeds(
                 images, landmarks, embeds.to(pl_module.device) if embeds is not None else None
             )
-            cfg = SamplingConfig(steps=self.steps, guidance_scale=self.guidance_scale, seed=self.seed)
-            out = sample(model, [r["caption"] for r in refs], e_arc, e_clip, images.shape[-1], cfg)
+            pipe = pipeline_from_generator(model, images.shape[-1])
+            pipe.set_progress_bar_config(disable=True)
+            out = pipe(
+                [r["caption"] for r in refs],
+                identity=IdentityEmbeds(e_arc, e_clip),
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                generator=torch.Generator(device="cpu").manual_seed(self.seed),
+                output_type="pt",
+            ).images
         finally:
             model.train(was_training)
-        return grid_image(images.cpu(), out.cpu())
+        return grid_image(images.cpu(), out.float().cpu() * 2 - 1)
 
     def _write(self, trainer, pl_module) -> None:
         step = trainer.global_step

@@ -11,12 +11,13 @@ import torch
 from idforge.data_pipeline.align import template_for
 from idforge.eval.benchmark import identity_benchmark
 from idforge.eval.groups import IdentityGroup
-from idforge.inference.sampling import SamplingConfig, sample
+from idforge.inference.export import pipeline_from_generator
+from idforge.inference.pipeline import IdentityEmbeds
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
 
 COLOURS = [(1.0, 0.0, 0.0), (0.6, 0.8, 0.0), (0.0, 0.0, 1.0)]  # pairwise cosines 0.6, 0, 0
-SAMPLING = SamplingConfig(steps=2)
+STEPS = 2
 
 
 class MeanColour(torch.nn.Module):
@@ -42,6 +43,13 @@ def model(tiny_zoo):
     return gen.eval()
 
 
+@pytest.fixture(scope="module")
+def pipe(model):
+    p = pipeline_from_generator(model, 32)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
 def _groups(reference_seed: int | None = None) -> list[IdentityGroup]:
     """Three people, three constant-colour photos each; ``reference_seed`` replaces every person's
     reference photo (photo 0) by noise, keeping the gallery and the captions."""
@@ -56,8 +64,8 @@ def _groups(reference_seed: int | None = None) -> list[IdentityGroup]:
     return groups
 
 
-def test_real_photo_figures_are_the_hand_computed_cosines(model):
-    fig, images = identity_benchmark(model, _groups(), MeanColour(), SAMPLING)
+def test_real_photo_figures_are_the_hand_computed_cosines(pipe):
+    fig, images = identity_benchmark(pipe, _groups(), MeanColour(), steps=STEPS)
     assert fig["fs_same_identity"] == pytest.approx(1.0, abs=1e-5)  # reference = gallery colour
     # floor: each gallery against the previous person's reference: cos(c0, c2), cos(c1, c0), cos(c2, c1)
     assert fig["fs_different"] == pytest.approx((0.0 + 0.6 + 0.0) / 3, abs=1e-5)
@@ -65,9 +73,9 @@ def test_real_photo_figures_are_the_hand_computed_cosines(model):
     assert images["reference"].shape == images["adapter"].shape == images["text_only"].shape == (3, 3, 32, 32)
 
 
-def test_text_only_images_do_not_depend_on_the_reference_and_the_adapters_do(model):
-    fig_a, a = identity_benchmark(model, _groups(), MeanColour(), SAMPLING)
-    fig_b, b = identity_benchmark(model, _groups(reference_seed=7), MeanColour(), SAMPLING)
+def test_text_only_images_do_not_depend_on_the_reference_and_the_adapters_do(pipe, model):
+    fig_a, a = identity_benchmark(pipe, _groups(), MeanColour(), steps=STEPS)
+    fig_b, b = identity_benchmark(pipe, _groups(reference_seed=7), MeanColour(), steps=STEPS)
     assert torch.equal(a["text_only"], b["text_only"])
     assert fig_a["fs_text_only"] == fig_b["fs_text_only"]
     assert (a["adapter"] - b["adapter"]).abs().max() > 1e-4
@@ -75,14 +83,22 @@ def test_text_only_images_do_not_depend_on_the_reference_and_the_adapters_do(mod
     # the text-only baseline is the same model with a zero identity input
     zeros_arc, zeros_clip = torch.zeros(3, 512), torch.zeros(3, model.image_encoder.output_dim)
     captions = [f"person {i}" for i in range(3)]
-    expected = sample(model, captions, zeros_arc, zeros_clip, 32, SAMPLING)
+    expected = pipe(
+        captions,
+        identity=IdentityEmbeds(zeros_arc, zeros_clip),
+        num_inference_steps=STEPS,
+        guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    expected = (expected * 2 - 1).clamp(-1, 1)
     assert torch.allclose(a["text_only"], expected, atol=1e-6)
 
 
-def test_the_benchmark_needs_two_people_with_two_photos_each(model):
+def test_the_benchmark_needs_two_people_with_two_photos_each(pipe):
     with pytest.raises(ValueError, match="at least 2 held-out identities"):
-        identity_benchmark(model, _groups()[:1], MeanColour(), SAMPLING)
+        identity_benchmark(pipe, _groups()[:1], MeanColour(), steps=STEPS)
     one_photo = _groups()
     one_photo[1] = IdentityGroup("p1", one_photo[1].images[:1], one_photo[1].landmarks[:1], ["x"])
     with pytest.raises(ValueError, match="at least 2 photos"):
-        identity_benchmark(model, one_photo, MeanColour(), SAMPLING)
+        identity_benchmark(pipe, one_photo, MeanColour(), steps=STEPS)

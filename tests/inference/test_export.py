@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from idforge.inference.export import export_generator, load_exported
-from idforge.inference.sampling import SamplingConfig, sample
+from idforge.inference.export import export_generator, load_exported, pipeline_from_generator
+from idforge.inference.pipeline import IdentityEmbeds
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
 
@@ -29,7 +29,16 @@ def _generate(model):
         torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1
     )
     e_clip = torch.randn(2, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
-    return sample(model, ["a photo", "a face"], e_arc, e_clip, 32, SamplingConfig(steps=3, seed=0))
+    pipe = pipeline_from_generator(model, 32)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        ["a photo", "a face"],
+        identity=IdentityEmbeds(e_arc, e_clip),
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    return out.images
 
 
 def test_export_round_trip_reproduces_samples(tiny_zoo, tmp_path):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from idforge.inference.export import export_generator, ip_adapter_image_embeds, load_pipeline
 from idforge.inference.pipeline import IdentityEmbeds, IdentityPipeline, mix_identities, slerp
-from idforge.inference.sampling import SamplingConfig, sample
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
 
@@ -36,6 +35,26 @@ def _identity(model, b=2):
     return arc, clip
 
 
+@torch.no_grad()
+def _reference_ddim(model, captions, arc, clip, resolution, steps, guidance, seed=0):
+    """The test's oracle: DDIM (eta 0) written out, with CFG against the null identity and the empty
+    prompt, eps = eps_null + s (eps_cond - eps_null), on the generator's own condition/predict."""
+    from diffusers import DDIMScheduler
+
+    sched = DDIMScheduler.from_config(model.scheduler.config)
+    sched.set_timesteps(steps)
+    b, size = len(captions), resolution // model.codec.downsample
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn((b, model.codec.latent_channels, size, size), generator=g) * sched.init_noise_sigma
+    cond = model.condition(arc, clip, model.encode_text(captions))
+    null = model.condition(arc * 0, clip * 0, model.encode_text([""] * b))
+    for t in sched.timesteps:
+        x, tt = sched.scale_model_input(z, t), t.expand(b)
+        e_c, e_n = model.predict(x, tt, cond), model.predict(x, tt, null)
+        z = sched.step(e_n + guidance * (e_c - e_n), t, z).prev_sample
+    return model.codec.decode(z).clamp(-1, 1)
+
+
 def _run(pipe, arc, clip, **kw):
     kw.setdefault("guidance_scale", 2.0)
     return pipe(
@@ -60,15 +79,20 @@ def exported(tiny_zoo, tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["final", "decoupled"])
-def test_pipeline_matches_the_former_sampler_and_round_trips(exported, variant):
+def test_pipeline_matches_a_written_out_ddim_loop_and_round_trips(exported, variant):
+    from idforge.inference.export import pipeline_from_generator
+
     model, folder = exported[variant]
     arc, clip = _identity(model)
-    old = sample(
-        model, ["a photo", "a face"], arc, clip, 32, SamplingConfig(steps=3, seed=0, guidance_scale=2.0)
-    )
+    old = _reference_ddim(model, ["a photo", "a face"], arc, clip, 32, steps=3, guidance=2.0)
     pipe = load_pipeline(folder)
     new = _run(pipe, arc, clip)
     assert (new * 2 - 1 - old).abs().max() < 1e-4
+    live = pipeline_from_generator(model, 32)  # around the live modules (sample grids, the demo)
+    assert live.image_encoder.encoder is model.image_encoder  # shared, not copied
+    assert live.face_encoder.encoder is model.face_encoder and live.unet is model.unet
+    live.set_progress_bar_config(disable=True)
+    assert (_run(live, arc, clip) - new).abs().max() < 1e-5
     again = IdentityPipeline.from_pretrained(folder)
     assert torch.equal(_run(again, arc, clip), new)
     saved = folder.parent / "resaved"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from idforge.launch.cli import main, top_help
@@ -187,27 +188,67 @@ def test_generate_reports_a_missing_reference_in_one_line(demo_out, tmp_path, ca
     ]
 
 
+def _two_people(demo_out):
+    """(path, landmarks) of the first photo of two different SynthID people of the demo."""
+    records = [
+        json.loads(line) for line in (demo_out / "synthid" / "landmarks.jsonl").read_text().splitlines()
+    ]
+    a = records[0]
+    b = next(r for r in records if r["file"].split("/")[0] != a["file"].split("/")[0])
+    return [(demo_out / "synthid" / r["file"], r["landmarks"]) for r in (a, b)]
+
+
+def test_morph_writes_the_frames_a_gif_and_a_strip(demo_out, tmp_path, capsys):
+    from PIL import Image
+
+    (a, lms_a), (b, lms_b) = _two_people(demo_out)
+    out = tmp_path / "morph"
+    args = ["morph", "--a", str(a), "--b", str(b), "--model", str(demo_out / "export"), "--out", str(out)]
+    args += ["--landmarks_a", json.dumps(lms_a), "--landmarks_b", json.dumps(lms_b)]
+    assert main([*args, "--frames", "3", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.split() == [str(out / "strip.png"), str(out / "morph.gif")]
+    res = json.loads((demo_out / "export" / "idforge.json").read_text())["resolution"]
+    frames = sorted(out.glob("frame_*.png"))
+    assert [f.name for f in frames] == ["frame_000.png", "frame_001.png", "frame_002.png"]
+    pics = [np.asarray(Image.open(f).convert("RGB")) for f in frames]
+    assert all(p.shape == (res, res, 3) for p in pics)
+    assert not np.array_equal(pics[0], pics[-1])  # A's end is not B's end
+    gif = Image.open(out / "morph.gif")
+    assert gif.n_frames == 3
+    assert Image.open(out / "strip.png").size == (3 * res + 4 * 2, res + 2 * 2)  # nrow=frames, padding 2
+
+
+def test_morph_of_a_photo_without_a_face_is_one_line_on_stderr(demo_out, tmp_path, capsys):
+    from PIL import Image
+
+    (a, lms_a), _ = _two_people(demo_out)
+    wall = tmp_path / "wall.png"
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(wall)
+    args = ["morph", "--a", str(a), "--b", str(wall), "--model", str(demo_out / "export")]
+    args += ["--out", str(tmp_path / "m"), "--landmarks_a", json.dumps(lms_a), "--detector", "landmarks"]
+    assert main(args) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        (
+            f"idforge morph: error: {wall}: no face found; pass a photo with a visible face, or its 5 "
+            "landmarks with --landmarks_b (--debug shows the traceback)"
+        )
+    ]
+    assert not (tmp_path / "m").exists()
+
+
 def test_eval_progress_total_matches_the_steps_sampled(demo_out):
     from idforge.data_pipeline.align import template_for
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.eval.groups import load_groups
-    from idforge.inference.export import load_exported
-    from idforge.inference.sampling import SamplingConfig
+    from idforge.inference.export import load_pipeline
 
-    model, manifest = load_exported(demo_out / "export")
-    res = int(manifest["resolution"])
+    pipe = load_pipeline(demo_out / "export")
+    res, crop = int(pipe.config.resolution), float(pipe.config.crop_scale)
     groups = load_groups(sorted(str(p) for p in (demo_out / "shards").glob("heldout-*.tar")), res)[:3]
-    sampling = SamplingConfig(steps=2)
     calls = []
-    lms = torch.as_tensor(template_for(res, float(manifest["crop_scale"])), dtype=torch.float32)
+    lms = torch.as_tensor(template_for(res, crop), dtype=torch.float32)
     identity_benchmark(
-        model,
-        groups,
-        model.face_encoder,
-        sampling,
-        generated_landmarks=lms,
-        batch_size=2,
-        progress=calls.append,
+        pipe, groups, pipe.face_encoder, steps=2, generated_landmarks=lms, batch_size=2, progress=calls.append
     )
     # 2 batches of identities x (adapter, text-only) x 2 steps
-    assert sum(calls) == benchmark_steps(len(groups), sampling, batch_size=2) == 8
+    assert sum(calls) == benchmark_steps(len(groups), 2, batch_size=2) == 8

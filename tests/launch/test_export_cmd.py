@@ -6,8 +6,8 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from idforge.inference.export import load_exported
-from idforge.inference.sampling import SamplingConfig, sample
+from idforge.inference.export import load_exported, pipeline_from_generator
+from idforge.inference.pipeline import IdentityEmbeds
 from idforge.launch.cli import main
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
@@ -67,7 +67,15 @@ def _images(model):
         torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1
     )
     clip = torch.randn(2, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
-    return sample(model, ["a photo", "a face"], arc, clip, 32, SamplingConfig(steps=2, seed=0))
+    pipe = pipeline_from_generator(model, 32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        ["a photo", "a face"],
+        identity=IdentityEmbeds(arc, clip),
+        num_inference_steps=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
 
 
 def test_export_ships_the_checkpoints_ema_weights_not_the_initial_ones(trained, tmp_path):
