@@ -22,10 +22,11 @@ from .groups import IdentityGroup
 from .identity import cosine, embed_faces
 
 
-def benchmark_steps(num_groups: int, steps: int, batch_size: int = 32) -> int:
-    """Denoising steps :func:`identity_benchmark` runs (adapter + text-only, per batch): a progress total."""
+def benchmark_steps(num_groups: int, steps: int, batch_size: int = 32, per_identity: bool = False) -> int:
+    """Denoising steps :func:`identity_benchmark` runs (adapter + text-only, per batch; a ReferenceNet
+    model's adapter row runs one identity per call: ``per_identity``): a progress total."""
     batches = -(-num_groups // batch_size)
-    return 2 * batches * steps
+    return (num_groups if per_identity else batches) * steps + batches * steps
 
 
 @torch.no_grad()
@@ -39,32 +40,52 @@ def identity_benchmark(
     generated_landmarks: torch.Tensor | None = None,
     batch_size: int = 32,
     progress: Callable[[int], object] | None = None,
+    num_refs: int = 1,
+    gallery_start: int | None = None,
+    reference_guidance_scale: float = 2.0,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the benchmark; returns (figures, images) with images["reference"|"adapter"|"text_only"].
 
     ``pipe`` is an :class:`~idforge.inference.pipeline.IdentityPipeline` (``load_pipeline`` of an
     export, or ``pipeline_from_generator`` of a live model); every batch starts from the z_T of
-    ``seed`` and runs ``steps`` DDIM steps (the pipeline's scheduler) with classifier-free guidance
-    ``guidance_scale`` against the null identity. ``face_encoder`` is the evaluation ArcFace (may
-    differ from the one the generator conditions on). ``generated_landmarks`` (5, 2) places the face
-    in generated images (models trained on aligned crops generate aligned faces); by default each
-    reference's landmarks are used. ``progress(1)`` is called after every denoising step
-    (:func:`benchmark_steps` gives the total).
+    ``seed`` and runs ``steps`` DDIM steps (the pipeline's scheduler). ``face_encoder`` is the
+    evaluation ArcFace (may differ from the one the generator conditions on). ``generated_landmarks``
+    (5, 2) places the face in generated images (models trained on aligned crops generate aligned
+    faces); by default each reference's landmarks are used. ``progress(1)`` is called after every
+    denoising step (:func:`benchmark_steps` gives the total).
+
+    The first ``num_refs`` photos of each identity are its references, the photos from
+    ``gallery_start`` (default ``num_refs``) on its gallery: compare several ``num_refs`` with one
+    ``gallery_start`` so every setting is scored against the same photos. An adapter model gets the
+    references' mean embeddings, guided by ``guidance_scale`` against the null identity. A
+    ReferenceNet model (FlashFace) gets the reference photos themselves, one identity per call, with
+    FlashFace's three-branch guidance (text ``guidance_scale``, references
+    ``reference_guidance_scale``); its text-only row runs without references. The figures then also
+    hold FlashFace's Sim_Target / Sim_Ref / Paste (``flashface``).
     """
     from idforge.inference.pipeline import IdentityEmbeds
 
+    from .identification import flashface_similarity
+
+    start = num_refs if gallery_start is None else gallery_start
+    if num_refs < 1 or start < num_refs:
+        raise ValueError(f"identity_benchmark: need 1 <= num_refs <= gallery_start, got {num_refs}, {start}")
     if len(groups) < 2:
         raise ValueError("identity_benchmark needs at least 2 held-out identities (for the floor figure)")
-    if any(g.images.shape[0] < 2 for g in groups):
-        raise ValueError("every held-out identity needs at least 2 photos (reference + gallery)")
+    if any(g.images.shape[0] < start + 1 for g in groups):
+        short = min(groups, key=lambda g: g.images.shape[0])
+        raise ValueError(
+            f"every held-out identity needs at least {start + 1} photos ({num_refs} reference(s) + a gallery "
+            f"from photo {start}); identity {short.identity} has {short.images.shape[0]}"
+        )
     device = pipe._execution_device
     refs = torch.stack([g.images[0] for g in groups]).to(device)
     ref_lms = torch.stack([g.landmarks[0] for g in groups]).to(device)
-    captions = [g.captions[1] for g in groups]
+    captions = [g.captions[start] for g in groups]
     resolution = refs.shape[-1]
     gallery = []
     for g in groups:
-        e = embed_faces(face_encoder, g.images[1:].to(device), g.landmarks[1:].to(device))
+        e = embed_faces(face_encoder, g.images[start:].to(device), g.landmarks[start:].to(device))
         gallery.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
     gallery = torch.stack(gallery)
     ref_emb = embed_faces(face_encoder, refs, ref_lms)
@@ -74,25 +95,46 @@ def identity_benchmark(
             progress(1)
         return kwargs
 
+    def run(prompts, **kw):
+        images = pipe(
+            prompts,
+            num_inference_steps=steps,
+            height=resolution,
+            width=resolution,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="pt",
+            callback_on_step_end=on_step,
+            **kw,
+        ).images
+        return (images.float() * 2 - 1).clamp(-1, 1)  # [0, 1] -> [-1, 1]
+
+    def identity_of(g: IdentityGroup):
+        if pipe.adapter is None:
+            return None
+        return pipe.encode_identity(g.images[:num_refs].to(device), g.landmarks[:num_refs].to(device))
+
     outs = {"adapter": [], "text_only": []}
-    for i in range(0, len(groups), batch_size):
-        sl = slice(i, i + batch_size)
-        ids = [pipe.encode_identity(refs[j : j + 1], ref_lms[j : j + 1]) for j in range(len(groups))[sl]]
-        identity = IdentityEmbeds(torch.cat([e.arcface for e in ids]), torch.cat([e.clip for e in ids]))
-        # text-only: the identity input zeroed (the null identity identity dropout trains)
-        for name, ident in (("adapter", identity), ("text_only", identity.zeros_like())):
-            images = pipe(
-                captions[sl],
-                identity=ident,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                height=resolution,
-                width=resolution,
-                generator=torch.Generator(device="cpu").manual_seed(seed),
-                output_type="pt",
-                callback_on_step_end=on_step,
-            ).images
-            outs[name].append((images.float() * 2 - 1).clamp(-1, 1))  # [0, 1] -> [-1, 1]
+    if getattr(pipe, "reference_net", None) is not None:  # FlashFace: the photos, one person per call
+        for g, caption in zip(groups, captions, strict=True):
+            outs["adapter"].append(
+                run(
+                    [caption],
+                    identity=identity_of(g),
+                    reference_images=g.images[:num_refs].to(device),
+                    guidance_scale=guidance_scale,
+                    reference_guidance_scale=reference_guidance_scale,
+                )
+            )
+        for i in range(0, len(groups), batch_size):
+            outs["text_only"].append(run(captions[i : i + batch_size], guidance_scale=1.0))
+    else:
+        for i in range(0, len(groups), batch_size):
+            sl = slice(i, i + batch_size)
+            ids = [identity_of(g) for g in groups[sl]]
+            identity = IdentityEmbeds(torch.cat([e.arcface for e in ids]), torch.cat([e.clip for e in ids]))
+            # text-only: the identity input zeroed (the null identity identity dropout trains)
+            for name, ident in (("adapter", identity), ("text_only", identity.zeros_like())):
+                outs[name].append(run(captions[sl], identity=ident, guidance_scale=guidance_scale))
     images = {"reference": refs.cpu(), **{k: torch.cat(v).cpu() for k, v in outs.items()}}
     gen_lms = ref_lms if generated_landmarks is None else generated_landmarks.to(device).expand_as(ref_lms)
     fig = {}
@@ -101,7 +143,17 @@ def identity_benchmark(
         fig[f"fs_{name}"] = float(cosine(emb, gallery).mean())
         if name == "adapter":
             fig["fs_adapter_vs_reference"] = float(cosine(emb, ref_emb).mean())
+            all_refs = torch.stack(
+                [
+                    embed_faces(
+                        face_encoder, g.images[:num_refs].to(device), g.landmarks[:num_refs].to(device)
+                    )
+                    for g in groups
+                ]
+            )
+            fig["flashface"] = flashface_similarity(emb, gallery, all_refs)
     fig["fs_same_identity"] = float(cosine(ref_emb, gallery).mean())
     fig["fs_different"] = float(cosine(ref_emb.roll(1, dims=0), gallery).mean())
     fig["heldout_identities"] = len(groups)
+    fig["num_refs"] = num_refs
     return fig, images

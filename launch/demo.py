@@ -45,6 +45,16 @@ class DemoConfig:
     adapter: dict = field(
         default_factory=lambda: {"variant": "final", "input_layernorm": True, "normalize_by_length": True}
     )
+    generator: str = "adapter"
+    """``adapter`` (Diff-ID identity tokens), ``referencenet`` (FlashFace reference features, trained on
+    groups of 1..``max_refs`` photos) or ``both``."""
+    max_refs: int = 4
+    """Most reference photos per training sample and at evaluation (ReferenceNet generators)."""
+    reference: dict = field(
+        default_factory=lambda: {"placement": "decoder", "timestep": 0, "face_mask": "none"}
+    )
+    """ReferenceNet options (``generator.reference`` of the training configs); ``image_size`` is the
+    demo's resolution."""
     prediction_type: str = "sample"
     identity_loss: float = 0.0
     """lambda_id of the time-weighted identity loss (0: off)."""
@@ -73,6 +83,7 @@ class DemoConfig:
             steps=4,
             batch_size=8,
             sampling_steps=3,
+            max_refs=2,  # 4 photos per identity: 2 references + a gallery of 2
             tiny={
                 "unet_channels": (16, 32),
                 "unet_attention": (False, True),
@@ -189,8 +200,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     )
 
     id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
+    uses_reference = cfg.generator != "adapter"
     module = IdentityDiffusionModule(
-        GeneratorConfig(zoo=zoo, adapter=dict(cfg.adapter), train_unet=True),
+        GeneratorConfig(
+            zoo=zoo,
+            adapter=dict(cfg.adapter) if cfg.generator != "referencenet" else {},
+            train_unet=True,
+            conditioning=cfg.generator,
+            reference={**cfg.reference, "image_size": cfg.resolution} if uses_reference else None,
+        ),
         identity_loss=id_loss,
         optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
         id_drop_prob=cfg.id_drop_prob,
@@ -206,9 +224,15 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         gradient_clip_val=1.0,
         default_root_dir=str(out),
     )
-    trainer.fit(
-        module, train_dataloaders=shard_loader(out / "shards", cfg.resolution, cfg.batch_size, cfg.seed)
+    loader = shard_loader(
+        out / "shards",
+        cfg.resolution,
+        cfg.batch_size,
+        cfg.seed,
+        mode="group" if uses_reference else "single",
+        max_refs=cfg.max_refs,
     )
+    trainer.fit(module, train_dataloaders=loader)
     clock.done(
         "train generator",
         f"{cfg.steps} steps, batch {cfg.batch_size}, "
@@ -223,17 +247,31 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
 
     groups = heldout_groups(out / "shards", cfg.resolution)
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
-    with tqdm(total=benchmark_steps(len(groups), cfg.sampling_steps), unit="step", desc="generate") as bar:
-        figures, images = identity_benchmark(
-            pipe,
-            groups,
-            pipe.face_encoder,
-            steps=cfg.sampling_steps,
-            guidance_scale=cfg.guidance_scale,
-            seed=cfg.seed,
-            generated_landmarks=lms,
-            progress=bar.update,
-        )
+    # adapter: one reference, as Diff-ID; ReferenceNet: 1 and max_refs references (FlashFace Table 3),
+    # both scored against the same gallery (the photos after the first max_refs)
+    settings = [1, cfg.max_refs] if uses_reference else [1]
+    start = cfg.max_refs if uses_reference else 1
+    groups = [g for g in groups if g.images.shape[0] > start]
+    total = benchmark_steps(len(groups), cfg.sampling_steps, per_identity=uses_reference) * len(settings)
+    by_refs = {}
+    with tqdm(total=total, unit="step", desc="generate") as bar:
+        for n in settings:
+            by_refs[n] = identity_benchmark(
+                pipe,
+                groups,
+                pipe.face_encoder,
+                steps=cfg.sampling_steps,
+                guidance_scale=1.0 if uses_reference else cfg.guidance_scale,
+                reference_guidance_scale=cfg.guidance_scale,
+                seed=cfg.seed,
+                generated_landmarks=lms,
+                progress=bar.update,
+                num_refs=n,
+                gallery_start=start,
+            )
+    figures, images = dict(by_refs[settings[-1]][0]), by_refs[settings[-1]][1]
+    if uses_reference:
+        figures["by_refs"] = {n: f for n, (f, _) in by_refs.items()}
     clock.done("generate + evaluate", f"{len(groups)} held-out identities")
 
     _save_grid(images, out / "demo_grid.png")
@@ -261,9 +299,17 @@ def _save_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 8) -> No
 
 
 def format_table(fig: dict) -> str:
-    rows = [
-        ("adapter (generated from 1 reference)", fig["fs_adapter"]),
-        ("text-only (identity input zeroed)", fig["fs_text_only"]),
+    by_refs = fig.get("by_refs")
+    if by_refs:
+        rows = [(f"generated from {n} reference(s)", f["fs_adapter"]) for n, f in by_refs.items()]
+        rows += [(f"  Paste, {n} reference(s)", f["flashface"]["paste"]) for n, f in by_refs.items()]
+    else:
+        rows = [("adapter (generated from 1 reference)", fig["fs_adapter"])]
+    rows += [
+        (
+            "text-only (no references)" if by_refs else "text-only (identity input zeroed)",
+            fig["fs_text_only"],
+        ),
         ("same identity, real photos (ceiling)", fig["fs_same_identity"]),
         ("different identities (floor)", fig["fs_different"]),
     ]
@@ -273,7 +319,8 @@ def format_table(fig: dict) -> str:
         f"{'':<{width}}  FS",
     ]
     lines += [f"{name:<{width}}  {value:+.3f}" for name, value in rows]
-    lines.append(f"{'gap adapter - text-only':<{width}}  {fig['fs_adapter'] - fig['fs_text_only']:+.3f}")
+    gap = f"gap {fig['num_refs']} reference(s) - text-only" if by_refs else "gap adapter - text-only"
+    lines.append(f"{gap:<{width}}  {fig['fs_adapter'] - fig['fs_text_only']:+.3f}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 
 def demo(
@@ -11,6 +12,7 @@ def demo(
     steps: int | None = None,
     seed: int | None = None,
     identity_loss: float | None = None,
+    generator: Literal["adapter", "referencenet", "both"] = "adapter",
 ) -> int:
     """Run the end-to-end demo on SynthID with tiny models, offline on a CPU.
 
@@ -20,6 +22,8 @@ def demo(
         steps: generator training steps (default 500; quick: 4).
         seed: seed of every stage (default 0).
         identity_loss: lambda_id of the time-weighted identity loss (default: off).
+        generator: adapter (Diff-ID), referencenet (FlashFace: trained on 1-4 reference photos at batch
+            16, scored with 1 and 4) or both.
     """
     from .demo import DemoConfig, format_table, run_demo
 
@@ -30,12 +34,15 @@ def demo(
         cfg.steps = steps
     if identity_loss is not None:
         cfg.identity_loss = identity_loss
+    cfg.generator = generator
+    if generator != "adapter" and not quick:
+        cfg.batch_size = 16  # every sample also carries 1-4 reference photos through the ReferenceNet
     print(f"idforge demo -> {out}  ({'quick' if quick else 'full'} run, CPU, offline)", flush=True)
     fig = run_demo(out, cfg, report=lambda m: print(m, flush=True))
     print()
     print(format_table(fig))
     print(
         f"\nsteps {fig['steps']}, {fig['seconds']:.0f} s in total; wrote {out / 'demo.json'} and "
-        f"{out / 'demo_grid.png'} (rows: reference | adapter | text-only)"
+        f"{out / 'demo_grid.png'} (rows: reference | generated | text-only)"
     )
     return 0

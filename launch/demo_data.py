@@ -36,9 +36,15 @@ def curate_demo_shards(
     return manifest
 
 
-def shard_loader(shards_dir: Path, resolution: int, batch_size: int, seed: int) -> DataLoader:
+def shard_loader(
+    shards_dir: Path, resolution: int, batch_size: int, seed: int, mode: str = "single", max_refs: int = 4
+) -> DataLoader:
+    """The train split: single photos (adapter) or groups of 1..``max_refs`` references + a target
+    (ReferenceNet, ``mode="group"``)."""
     urls = sorted(str(p) for p in Path(shards_dir).glob("train-*.tar"))
-    ds = make_identity_dataset(urls, mode="single", resolution=resolution, shuffle_buffer=512, seed=seed)
+    ds = make_identity_dataset(
+        urls, mode=mode, resolution=resolution, shuffle_buffer=512, seed=seed, max_refs=max_refs
+    )
     return DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_identity_samples)
 
 
