@@ -102,3 +102,21 @@ def test_the_benchmark_needs_two_people_with_two_photos_each(pipe):
     one_photo[1] = IdentityGroup("p1", one_photo[1].images[:1], one_photo[1].landmarks[:1], ["x"])
     with pytest.raises(ValueError, match="at least 2 photos"):
         identity_benchmark(pipe, one_photo, MeanColour(), steps=STEPS)
+
+
+def test_references_and_gallery_are_split_where_asked(pipe):
+    groups = _groups()
+    for g in groups:  # photo 1 becomes another colour: in the gallery it would lower the ceiling
+        g.images[1] = torch.tensor((0.0, 1.0, 0.0)).view(3, 1, 1).expand(3, 32, 32)
+    fig, _ = identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, num_refs=1, gallery_start=2)
+    assert fig["fs_same_identity"] == pytest.approx(1.0, abs=1e-5)  # gallery = photo 2 only
+    fig_all, _ = identity_benchmark(pipe, groups, MeanColour(), steps=STEPS)  # gallery = photos 1, 2
+    assert fig_all["fs_same_identity"] < 0.99
+    # two references: the identity is their mean embedding, so the generated images change
+    _, one = identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, num_refs=1, gallery_start=2)
+    _, two = identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, num_refs=2, gallery_start=2)
+    assert (one["adapter"] - two["adapter"]).abs().max() > 1e-4
+    assert torch.equal(one["text_only"], two["text_only"])
+    assert set(fig["flashface"]) >= {"sim_target", "sim_ref", "paste"}
+    with pytest.raises(ValueError, match="at least 4 photos"):
+        identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, num_refs=3)

@@ -38,6 +38,21 @@ def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
     assert (demo_out / "export" / "idforge.json").is_file()
 
 
+def test_quick_demo_with_the_referencenet_generator_scores_one_and_several_references(tmp_path, capsys):
+    assert main(["demo", "--quick", "--generator", "referencenet", "--out", str(tmp_path)]) == 0
+    fig = json.loads((tmp_path / "demo.json").read_text())
+    assert set(fig["by_refs"]) == {"1", "2"}  # FlashFace Table 3: one vs several references
+    for n, f in fig["by_refs"].items():
+        assert f["num_refs"] == int(n)
+        assert f["flashface"]["paste"] == pytest.approx(
+            f["flashface"]["sim_ref"] - f["flashface"]["sim_target"]
+        )
+    assert fig["by_refs"]["1"]["fs_adapter"] != fig["by_refs"]["2"]["fs_adapter"]
+    assert (tmp_path / "export" / "reference_net").is_dir()
+    out = capsys.readouterr().out
+    assert "generated from 2 reference(s)" in out and "Paste, 1 reference(s)" in out
+
+
 def test_curate_command_prints_a_summary(demo_out, tmp_path, capsys):
     assert (
         main(
