@@ -71,6 +71,7 @@ MODULES: dict[str, list[str]] = {
     "eval/fid.py": [
         "tests/eval/test_metrics.py::test_frechet_distance_matches_scipy_reference",
         "tests/eval/test_metrics.py::test_fiq_arithmetic",
+        "tests/eval/test_fid_mutants.py",
     ],
     "data_pipeline/job.py": ["tests/data_pipeline/test_resume.py", "tests/data_pipeline/test_curate.py"],
     "data_pipeline/finalize.py": ["tests/data_pipeline/test_finalize.py"],
