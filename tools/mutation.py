@@ -176,7 +176,7 @@ def run_module(module: str, max_mutants: int | None, timeout: float) -> dict:
         "mutants_in_module": len(mutants),
         "tested": len(rows),
         "command": " ".join(argv),
-        "mutmut_command": shlex.join(["mutmut", *cmd[3:]]),
+        "mutmut_command": shlex.join(["mutmut", *cmd[3:]]).replace(sys.executable, "python"),
         "date": start.strftime("%Y-%m-%d"),
         "minutes": round((dt.datetime.now() - start).total_seconds() / 60, 1),
         "mutants": [r for r in rows if r["status"] != "killed"],
