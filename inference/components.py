@@ -17,10 +17,8 @@ their weights in safetensors, so an exported folder is self-contained offline:
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 from diffusers import ModelMixin
@@ -29,7 +27,7 @@ from idforge.models.adapter import DiffIDAdapter
 from idforge.models.attention import IdentityAttnProcessor, processor_key
 from idforge.models.face.face_encoder import FaceEncoder
 from idforge.models.face.iresnet import IResNet, IResNetConfig
-from idforge.models.image_encoder import ClipImageEncoder
+from idforge.models.image_encoder import ClipImageEncoder, open_clip_model_config
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -84,28 +82,6 @@ class IdentityAdapterModel(ModelMixin, ConfigMixin):
         return self.adapter(arcface_embeds, clip_embeds, text_states)
 
 
-def open_clip_model_config(spec: str) -> dict:
-    """The open_clip config ``{"model_cfg": ..., "preprocess_cfg": ...}`` of an image-encoder spec
-    (``local-dir:``/folder, ``hf-hub:`` from the local cache, or ``ARCH@TAG``)."""
-    import open_clip
-
-    spec = str(spec)
-    if spec.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(spec[7:], "open_clip_config.json")).read_text())
-    if "@" in spec and not spec.startswith("local-dir:"):
-        cfg = open_clip.get_model_config(spec.split("@", 1)[0])
-        if cfg is None:
-            raise ValueError(f"open_clip has no model config named {spec.split('@', 1)[0]!r} ({spec})")
-        return {"model_cfg": cfg, "preprocess_cfg": {}}
-    folder = Path(spec.removeprefix("local-dir:")).expanduser()
-    path = folder / "open_clip_config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no open_clip config; the image encoder must be an open_clip folder")
-    return json.loads(path.read_text())
-
-
 class ImageEncoderModel(ModelMixin, ConfigMixin):
     """The frozen open_clip vision tower behind :class:`ClipImageEncoder`'s interface."""
 
@@ -132,7 +108,7 @@ class ImageEncoderModel(ModelMixin, ConfigMixin):
     def from_encoder(cls, encoder: ClipImageEncoder, spec: str) -> ImageEncoderModel:
         """Wrap a loaded :class:`ClipImageEncoder` whose open_clip spec is ``spec``, sharing it (nothing is
         copied: a training run's sample grids build a pipeline around the live model)."""
-        cfg = open_clip_model_config(spec)["model_cfg"]
+        cfg = (getattr(encoder, "open_clip_config", None) or open_clip_model_config(spec))["model_cfg"]
         with torch.device("meta"):  # a skeleton for the config only: the tower is shared, not rebuilt
             model = cls(
                 embed_dim=int(cfg["embed_dim"]),

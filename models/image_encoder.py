@@ -11,6 +11,7 @@ or ``ARCH@TAG_OR_FILE`` such as ``ViT-H-14@laion2b_s32b_b79k`` or ``ViT-H-14@/ck
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -45,6 +46,28 @@ def load_open_clip(spec: str):
         spec = f"local-dir:{folder}"
     model, _, preprocess = open_clip.create_model_and_transforms(spec)
     return model, preprocess
+
+
+def open_clip_model_config(spec: str) -> dict:
+    """The open_clip config ``{"model_cfg": ..., "preprocess_cfg": ...}`` of an image-encoder spec
+    (``local-dir:``/folder, ``hf-hub:`` from the local cache, or ``ARCH@TAG``)."""
+    import open_clip
+
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(spec[7:], "open_clip_config.json")).read_text())
+    if "@" in spec and not spec.startswith("local-dir:"):
+        cfg = open_clip.get_model_config(spec.split("@", 1)[0])
+        if cfg is None:
+            raise ValueError(f"open_clip has no model config named {spec.split('@', 1)[0]!r} ({spec})")
+        return {"model_cfg": cfg, "preprocess_cfg": {}}
+    folder = Path(spec.removeprefix("local-dir:")).expanduser()
+    path = folder / "open_clip_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no open_clip config; the image encoder must be an open_clip folder")
+    return json.loads(path.read_text())
 
 
 def load_open_clip_tokenizer(spec: str):
@@ -97,7 +120,10 @@ class ClipImageEncoder(nn.Module):
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
-        return cls(model, image_size=size, mean=mean, std=std, tokens=tokens)
+        encoder = cls(model, image_size=size, mean=mean, std=std, tokens=tokens)
+        # kept so a pipeline can wrap this live encoder after its source folder is gone
+        encoder.open_clip_config = open_clip_model_config(spec)
+        return encoder
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> CLIP input (resized, mean/std normalised)."""
