@@ -10,26 +10,15 @@ import pytest
 import torch
 from idforge.inference.export import pipeline_from_generator
 from idforge.inference.pipeline import IdentityEmbeds
-from idforge.models.generator import GeneratorConfig, IdentityGenerator
-from idforge.models.zoo import ZooSpec
+
+from tests.builders import perturbed_generator
 
 CAPTIONS = ["a photo", "a face"]
 
 
 @pytest.fixture(scope="module")
 def model(tiny_zoo):
-    spec = ZooSpec(
-        base=str(tiny_zoo),
-        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-        face_encoder=str(tiny_zoo / "face_encoder"),
-    )
-    torch.manual_seed(0)
-    gen = IdentityGenerator.from_config(GeneratorConfig(zoo=spec, adapter={"variant": "final"}))
-    with torch.no_grad():  # move every trainable weight away from its initial value
-        for p in gen.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
-    return gen.eval()
+    return perturbed_generator(tiny_zoo, adapter={"variant": "final"})
 
 
 @pytest.fixture(scope="module")

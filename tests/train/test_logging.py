@@ -37,21 +37,11 @@ def test_sample_grid_is_the_exported_pipelines_output_for_the_live_weights(tiny_
 
     from idforge.inference.export import export_generator, load_pipeline
     from idforge.inference.pipeline import IdentityEmbeds
-    from idforge.models.generator import GeneratorConfig, IdentityGenerator
-    from idforge.models.zoo import ZooSpec
     from idforge.train.logging_callbacks import SampleGridCallback
 
-    spec = ZooSpec(
-        base=str(tiny_zoo),
-        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-        face_encoder=str(tiny_zoo / "face_encoder"),
-    )
-    torch.manual_seed(0)
-    model = IdentityGenerator.from_config(GeneratorConfig(zoo=spec))
-    with torch.no_grad():  # trained-looking weights: the identity path matters
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    from tests.builders import perturbed_generator
+
+    model = perturbed_generator(tiny_zoo)  # trained-looking weights: the identity path matters
     g = torch.Generator().manual_seed(3)
     refs = [
         {

@@ -17,22 +17,12 @@ def tiny_sd3_dir(tmp_path_factory):
 def tiny_export_dir(tiny_zoo, tmp_path_factory):
     """An IdentityGenerator with perturbed trainable weights, written by the exporter."""
     from idforge.inference.export import export_generator
-    from idforge.models.generator import GeneratorConfig, IdentityGenerator
-    from idforge.models.zoo import ZooSpec
 
-    spec = ZooSpec(
-        base=str(tiny_zoo),
-        image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
-        face_encoder=str(tiny_zoo / "face_encoder"),
-    )
-    torch.manual_seed(0)
-    model = IdentityGenerator.from_config(GeneratorConfig(zoo=spec))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+    from tests.builders import perturbed_generator
+
+    model = perturbed_generator(tiny_zoo)
     folder = tmp_path_factory.mktemp("export") / "model"
-    export_generator(model.eval(), folder, resolution=32, extra={"crop_scale": 0.8})
+    export_generator(model, folder, resolution=32, extra={"crop_scale": 0.8})
     return folder
 
 
