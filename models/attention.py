@@ -193,12 +193,9 @@ def install_identity_processors(
         raise ValueError(
             "install_identity_processors: the UNet has no cross-attention layer to attach identity tokens to"
         )
-    unet.set_attn_processor(procs)
-    log.info(
-        "installed %d identity attention processors (%d pass-through)",
-        len(trainable),
-        len(procs) - len(trainable),
-    )
+    passthrough = len(procs) - len(trainable)
+    unet.set_attn_processor(procs)  # diffusers pops the entries it sets: count before
+    log.info("installed %d identity attention processors (%d pass-through)", len(trainable), passthrough)
     return trainable
 
 
