@@ -50,8 +50,8 @@ CACHE = ROOT / ".mutmut-cache"
 # module file -> the fast test files (or node ids) that exercise it. Each mutant costs one pytest
 # start over these, so keep them to the tests that import the module and run in seconds.
 MODULES: dict[str, list[str]] = {
-    "models/adapter.py": ["tests/models/test_adapter.py"],
-    "models/attention.py": ["tests/models/test_attention.py"],
+    "models/adapter.py": ["tests/models/test_adapter.py", "tests/models/test_adapter_mutants.py"],
+    "models/attention.py": ["tests/models/test_attention.py", "tests/models/test_attention_mutants.py"],
     "models/reference_attention.py": ["tests/models/test_reference_attention.py"],
     "models/losses.py": ["tests/models/test_losses.py"],
     "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
