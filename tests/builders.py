@@ -31,3 +31,12 @@ def perturbed_generator(zoo: Path, adapter: dict | None = None, scale: float = 0
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * scale)
     return gen.eval()
+
+
+def live_pipeline(model, resolution: int = 32):
+    """An :class:`IdentityPipeline` around ``model``'s live modules, progress bar off."""
+    from idforge.inference.export import pipeline_from_generator
+
+    pipe = pipeline_from_generator(model, resolution)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -11,10 +11,9 @@ import torch
 from idforge.data_pipeline.align import template_for
 from idforge.eval.benchmark import identity_benchmark
 from idforge.eval.groups import IdentityGroup
-from idforge.inference.export import pipeline_from_generator
 from idforge.inference.pipeline import IdentityEmbeds
 
-from tests.builders import perturbed_generator
+from tests.builders import live_pipeline, perturbed_generator
 
 COLOURS = [(1.0, 0.0, 0.0), (0.6, 0.8, 0.0), (0.0, 0.0, 1.0)]  # pairwise cosines 0.6, 0, 0
 STEPS = 2
@@ -34,8 +33,7 @@ def model(tiny_zoo):
 
 @pytest.fixture(scope="module")
 def pipe(model):
-    p = pipeline_from_generator(model, 32)
-    p.set_progress_bar_config(disable=True)
+    p = live_pipeline(model)
     return p
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import torch
-from idforge.inference.export import export_generator, load_exported, pipeline_from_generator
+from idforge.inference.export import export_generator, load_exported
 from idforge.inference.pipeline import IdentityEmbeds
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
+
+from tests.builders import live_pipeline
 
 
 def _model(tiny_zoo, variant="final"):
@@ -29,8 +31,7 @@ def _generate(model):
         torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1
     )
     e_clip = torch.randn(2, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
-    pipe = pipeline_from_generator(model, 32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = live_pipeline(model)
     out = pipe(
         ["a photo", "a face"],
         identity=IdentityEmbeds(e_arc, e_clip),

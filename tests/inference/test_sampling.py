@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from idforge.inference.export import pipeline_from_generator
 from idforge.inference.pipeline import IdentityEmbeds
 
-from tests.builders import perturbed_generator
+from tests.builders import live_pipeline, perturbed_generator
 
 CAPTIONS = ["a photo", "a face"]
 
@@ -23,8 +22,7 @@ def model(tiny_zoo):
 
 @pytest.fixture(scope="module")
 def pipe(model):
-    p = pipeline_from_generator(model, 32)
-    p.set_progress_bar_config(disable=True)
+    p = live_pipeline(model)
     return p
 
 

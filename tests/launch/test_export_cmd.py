@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from idforge.inference.export import load_exported, pipeline_from_generator
+from idforge.inference.export import load_exported
 from idforge.inference.pipeline import IdentityEmbeds
 from idforge.launch.cli import main
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
@@ -14,6 +14,8 @@ from idforge.models.zoo import ZooSpec
 from idforge.train.ema import EMA
 from idforge.train.module import IdentityDiffusionModule
 from torch.utils.data import DataLoader
+
+from tests.builders import live_pipeline
 
 _LMS = torch.tensor([[11.0, 14.0], [21.0, 14.0], [16.0, 19.0], [12.0, 25.0], [20.0, 25.0]])
 
@@ -67,8 +69,7 @@ def _images(model):
         torch.randn(2, 512, generator=torch.Generator().manual_seed(1)), dim=-1
     )
     clip = torch.randn(2, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
-    pipe = pipeline_from_generator(model, 32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = live_pipeline(model)
     return pipe(
         ["a photo", "a face"],
         identity=IdentityEmbeds(arc, clip),
