@@ -9,7 +9,10 @@ ArcFace embedding (FlowID's InjuredFaces protocol) and:
 - ``fs_same_identity``: the real reference photo (ceiling: what a perfect copy of the person scores);
 - ``fs_different``: the reference photo of a *different* held-out person (floor).
 
-``fs_adapter_vs_reference`` (generated vs the reference itself, Diff-ID's pairing) is reported too.
+``fs_adapter_vs_reference`` (generated vs the reference itself, Diff-ID's pairing) is reported too,
+and identification (top-1 / top-5 of each generated image among the held-out identities' gallery
+means, chance 1 / N) for the adapter and the text-only rows. ``judges`` score the same images with
+other face encoders (an independent judge that played no part in training) under ``judges[name]``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def identity_benchmark(
     num_refs: int = 1,
     gallery_start: int | None = None,
     reference_guidance_scale: float = 2.0,
+    judges: dict[str, torch.nn.Module] | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run the benchmark; returns (figures, images) with images["reference"|"adapter"|"text_only"].
 
@@ -65,8 +69,6 @@ def identity_benchmark(
     """
     from idforge.inference.pipeline import IdentityEmbeds
 
-    from .identification import flashface_similarity
-
     start = num_refs if gallery_start is None else gallery_start
     if num_refs < 1 or start < num_refs:
         raise ValueError(f"identity_benchmark: need 1 <= num_refs <= gallery_start, got {num_refs}, {start}")
@@ -83,12 +85,6 @@ def identity_benchmark(
     ref_lms = torch.stack([g.landmarks[0] for g in groups]).to(device)
     captions = [g.captions[start] for g in groups]
     resolution = refs.shape[-1]
-    gallery = []
-    for g in groups:
-        e = embed_faces(face_encoder, g.images[start:].to(device), g.landmarks[start:].to(device))
-        gallery.append(torch.nn.functional.normalize(e.mean(0), dim=-1))
-    gallery = torch.stack(gallery)
-    ref_emb = embed_faces(face_encoder, refs, ref_lms)
 
     def on_step(p, step, t, kwargs):
         if progress is not None:
@@ -137,10 +133,52 @@ def identity_benchmark(
                 outs[name].append(run(captions[sl], identity=ident, guidance_scale=guidance_scale))
     images = {"reference": refs.cpu(), **{k: torch.cat(v).cpu() for k, v in outs.items()}}
     gen_lms = ref_lms if generated_landmarks is None else generated_landmarks.to(device).expand_as(ref_lms)
-    fig = {}
-    for name in ("adapter", "text_only"):
-        emb = embed_faces(face_encoder, images[name].to(device), gen_lms)
+    fig = score_images(face_encoder, images, groups, gen_lms, num_refs, start)
+    fig["judges"] = {
+        name: score_images(judge, images, groups, gen_lms, num_refs, start)
+        for name, judge in (judges or {}).items()
+    }
+    fig["heldout_identities"] = len(groups)
+    fig["num_refs"] = num_refs
+    return fig, images
+
+
+@torch.no_grad()
+def score_images(
+    face_encoder: torch.nn.Module,
+    images: dict[str, torch.Tensor],
+    groups: list[IdentityGroup],
+    generated_landmarks: torch.Tensor,
+    num_refs: int,
+    gallery_start: int,
+) -> dict:
+    """FS, identification and FlashFace similarities of ``images`` under one face encoder.
+
+    ``images["reference"]`` are the references (first photo of each group, their own landmarks);
+    every other key (``identity_benchmark``'s "adapter" / "text_only", or e.g. VAE reconstructions
+    of the references) is one image per group at ``generated_landmarks`` and gets ``fs_<key>`` and
+    ``identification[<key>]``; "adapter" also gets FlashFace's similarities."""
+    from .identification import flashface_similarity, identification
+
+    device = next((p.device for p in face_encoder.parameters()), torch.device("cpu"))
+    gallery = torch.stack(
+        [
+            torch.nn.functional.normalize(
+                embed_faces(
+                    face_encoder, g.images[gallery_start:].to(device), g.landmarks[gallery_start:].to(device)
+                ).mean(0),
+                dim=-1,
+            )
+            for g in groups
+        ]
+    )
+    ref_lms = torch.stack([g.landmarks[0] for g in groups]).to(device)
+    ref_emb = embed_faces(face_encoder, images["reference"].to(device), ref_lms)
+    fig: dict = {"identification": {}}
+    for name in [k for k in images if k != "reference"]:
+        emb = embed_faces(face_encoder, images[name].to(device), generated_landmarks.to(device))
         fig[f"fs_{name}"] = float(cosine(emb, gallery).mean())
+        fig["identification"][name] = identification(emb, gallery)
         if name == "adapter":
             fig["fs_adapter_vs_reference"] = float(cosine(emb, ref_emb).mean())
             all_refs = torch.stack(
@@ -154,6 +192,5 @@ def identity_benchmark(
             fig["flashface"] = flashface_similarity(emb, gallery, all_refs)
     fig["fs_same_identity"] = float(cosine(ref_emb, gallery).mean())
     fig["fs_different"] = float(cosine(ref_emb.roll(1, dims=0), gallery).mean())
-    fig["heldout_identities"] = len(groups)
-    fig["num_refs"] = num_refs
-    return fig, images
+    fig["identification"]["reference"] = identification(ref_emb, gallery)
+    return fig

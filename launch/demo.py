@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
+from idforge.train.vae import VaeTrainConfig
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,19 @@ class DemoConfig:
     heldout_identities: int = 40
     images_per_identity: int = 8
     render_resolution: int = 64
-    resolution: int = 16
+    resolution: int = 64
     crop_scale: float = 0.8
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
-    face_epochs: int = 5
+    """Conditioning face encoder: IResNet (1, 1, 1, 1) blocks of these widths."""
+    judge_layers: tuple[int, ...] = (1, 2, 1, 1)
+    judge_widths: tuple[int, ...] = (8, 12, 24, 48)
+    """Independent judge: another IResNet depth and width, another seed, the other half of the photos."""
+    face_epochs: int = 8
     face_batch_size: int = 64
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    """AutoencoderKL widths (three levels: 4x downsampling)."""
+    vae_norm_groups: int = 2
+    vae_train: VaeTrainConfig = field(default_factory=VaeTrainConfig)
     steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
@@ -79,7 +87,10 @@ class DemoConfig:
             num_identities=12,
             heldout_identities=4,
             images_per_identity=4,
+            resolution=32,
             face_epochs=1,
+            vae_channels=(8, 8, 16),
+            vae_train=VaeTrainConfig(steps=3, batch_size=4, crop=16),
             steps=4,
             batch_size=8,
             sampling_steps=3,
@@ -107,19 +118,6 @@ class _Clock:
         self.report(f"[{now - self.t0:6.1f}s] {stage}: {msg}")
 
 
-def _aligned_arrays(synth, ids: list[int], per_id: int, size: int, scale: float):
-    from idforge.data_pipeline.align import align_face
-
-    crops, labels = [], []
-    for i in ids:
-        for k in range(per_id):
-            s = synth.render(i, k)
-            crop, _ = align_face(np.asarray(s.image), s.landmarks, size=size, scale=scale)
-            crops.append(crop)
-            labels.append(i)
-    return np.stack(crops), np.asarray(labels)
-
-
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> dict:
     """Run every stage into ``out``; returns the figures written to ``out/demo.json``."""
     import lightning as L
@@ -127,14 +125,13 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_pipeline
-    from idforge.models.face.iresnet import IResNetConfig
     from idforge.models.generator import GeneratorConfig
     from idforge.models.losses import IdentityLossConfig
     from idforge.models.zoo import TinyConfig, build_tiny
-    from idforge.train.face_encoder import fit_face_encoder, verification_scores
     from idforge.train.module import IdentityDiffusionModule
 
     from .demo_data import curate_demo_shards, heldout_groups, shard_loader
+    from .demo_models import demo_vae, train_face_encoders
 
     cfg = cfg or DemoConfig()
     out = Path(out)
@@ -157,38 +154,41 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         f"{len(synth.heldout_ids)} held-out identities",
     )
 
-    crops, labels = _aligned_arrays(synth, list(synth.train_ids), cfg.images_per_identity, 112, 1.0)
-    face_cfg = IResNetConfig(layers=(1, 1, 1, 1), widths=tuple(cfg.face_widths))
-    with tqdm(total=cfg.face_epochs, unit="epoch", desc="face encoder") as bar:
-        encoder, _ = fit_face_encoder(
-            crops,
-            labels,
-            face_cfg,
-            epochs=cfg.face_epochs,
-            batch_size=cfg.face_batch_size,
-            seed=cfg.seed,
-            progress=lambda epoch, loss: (bar.set_postfix(loss=f"{loss:.3f}"), bar.update(1)),
+    renders = {(s.identity, int(s.key.rsplit("_", 1)[1])): s for s in synth.samples()}
+    with tqdm(total=2 * cfg.face_epochs, unit="epoch", desc="face encoders") as bar:
+        faces = train_face_encoders(
+            cfg,
+            renders,
+            synth.train_ids,
+            synth.heldout_ids,
+            progress=lambda name, epoch, loss: (
+                bar.set_postfix(model=name, loss=f"{loss:.3f}"),
+                bar.update(1),
+            ),
         )
-    encoder.eval()
-    h_crops, h_labels = _aligned_arrays(synth, list(synth.heldout_ids), cfg.images_per_identity, 112, 1.0)
-    ver = verification_scores(encoder, h_crops, h_labels)
+    ver = faces["verification"]
     clock.done(
-        "face encoder",
-        f"held-out same-person cos {ver['same_mean']:.3f}, different-person cos {ver['diff_mean']:.3f}",
+        "face encoders",
+        "held-out same/different-person cos: conditioning "
+        f"{ver['encoder']['same_mean']:.3f}/{ver['encoder']['diff_mean']:.3f}, judge "
+        f"{ver['judge']['same_mean']:.3f}/{ver['judge']['diff_mean']:.3f}",
     )
 
     zoo = build_tiny(
         out / "zoo",
         TinyConfig(
             resolution=cfg.resolution,
-            codec="pixel",
+            vae_channels=tuple(cfg.vae_channels),
+            vae_attention=False,
+            vae_norm_groups=cfg.vae_norm_groups,
             seed=cfg.seed,
             beta_schedule="squaredcos_cap_v2",
             prediction_type=cfg.prediction_type,
             **cfg.tiny,
         ),
     )
-    encoder.save_pretrained(out / "zoo" / "face_encoder")
+    faces["encoder"].save_pretrained(out / "zoo" / "face_encoder")
+    faces["judge"].save_pretrained(out / "judge")
     with tqdm(total=len(synth), unit="img", desc="curate") as bar:
         manifest = curate_demo_shards(
             out / "synthid", out / "shards", zoo.face_encoder, cfg.resolution, cfg.crop_scale, bar.update
@@ -197,6 +197,22 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         "curate",
         f"{manifest['images_accepted']} images accepted of {manifest['files_seen']} seen; "
         f"rejected {manifest['rejected']}",
+    )
+
+    with tqdm(total=cfg.vae_train.steps, unit="step", desc="VAE") as bar:
+        vae, vae_fig = demo_vae(
+            cfg,
+            synth_cfg,
+            renders,
+            synth.train_ids,
+            progress=lambda step, loss: (bar.set_postfix(loss=f"{loss:.3f}"), bar.update(1)),
+        )
+    vae.save_pretrained(out / "zoo" / "vae")
+    clock.done(
+        "VAE",
+        ("loaded from the cache " if vae_fig["cached"] else "trained, cached in ")
+        + f"{vae_fig['folder']}; reconstruction L1 {vae_fig['recon_l1']:.3f}, "
+        f"latent scaling factor {vae_fig['scaling_factor']:.3f}",
     )
 
     id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
@@ -268,10 +284,12 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
                 progress=bar.update,
                 num_refs=n,
                 gallery_start=start,
+                judges={"judge": faces["judge"]},
             )
     figures, images = dict(by_refs[settings[-1]][0]), by_refs[settings[-1]][1]
     if uses_reference:
         figures["by_refs"] = {n: f for n, (f, _) in by_refs.items()}
+    figures["ceilings"] = _ceilings(pipe, faces, renders, groups, lms, start, images)
     clock.done("generate + evaluate", f"{len(groups)} held-out identities")
 
     _save_grid(images, out / "demo_grid.png")
@@ -280,10 +298,51 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         seconds=round(time.perf_counter() - clock.t0, 1),
         stages=clock.stages,
         face_encoder=ver,
+        vae=vae_fig,
+        resolution=cfg.resolution,
         config=asdict(cfg),
     )
     (out / "demo.json").write_text(json.dumps(figures, indent=2, default=str))
     return figures
+
+
+@torch.no_grad()
+def _ceilings(pipe, faces: dict, renders: dict, groups, lms, start: int, images: dict) -> dict:
+    """What real photos score, per encoder: at the generation resolution (the shards' crops: the
+    resolution ceiling), after the VAE's round trip (the codec ceiling), and at the face encoders'
+    own 112 px from the renders (the real-photo ceiling)."""
+    from idforge.eval.benchmark import score_images
+    from idforge.eval.identity import cosine
+
+    from .demo_models import aligned_crops
+
+    refs = images["reference"]
+    recon = pipe.decode_latents_to_images(pipe.encode_images(refs)).cpu()
+    out = {}
+    for name in ("encoder", "judge"):
+        enc = faces[name]
+        fig = score_images(
+            enc,
+            {"reference": refs, "vae_reconstruction": recon},
+            groups,
+            lms.expand(len(groups), -1, -1),
+            1,
+            start,
+        )
+        full_fs = []
+        for g in groups:
+            crops, _ = aligned_crops(renders, {int(g.identity.removeprefix("id"))}, 112, 1.0)
+            emb = torch.from_numpy(enc.embed_uint8(crops))
+            gallery = torch.nn.functional.normalize(emb[start:].mean(0), dim=-1)
+            full_fs.append(float(cosine(emb[:1], gallery[None])))
+        out[name] = {
+            "generation_resolution": fig["fs_same_identity"],
+            "vae_reconstruction": fig["fs_vae_reconstruction"],
+            "full_resolution": sum(full_fs) / len(full_fs),
+            "top1_generation_resolution": fig["identification"]["reference"]["top1"],
+            "top1_vae_reconstruction": fig["identification"]["vae_reconstruction"]["top1"],
+        }
+    return out
 
 
 def _save_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 8) -> None:
@@ -299,28 +358,93 @@ def _save_grid(images: dict[str, torch.Tensor], path: Path, rows: int = 8) -> No
 
 
 def format_table(fig: dict) -> str:
+    """FS and top-1 identification under the conditioning encoder and the independent judge."""
+    judge = fig["judges"]["judge"]
     by_refs = fig.get("by_refs")
+    ceil = fig["ceilings"]
+
+    def row(name, key, ident=None):
+        return (
+            name,
+            fig[key],
+            judge[key],
+            fig["identification"].get(ident or key[3:], {}).get("top1"),
+            judge["identification"].get(ident or key[3:], {}).get("top1"),
+        )
+
     if by_refs:
-        rows = [(f"generated from {n} reference(s)", f["fs_adapter"]) for n, f in by_refs.items()]
-        rows += [(f"  Paste, {n} reference(s)", f["flashface"]["paste"]) for n, f in by_refs.items()]
+        rows = []
+        for n, f in by_refs.items():
+            j = f["judges"]["judge"]
+            rows.append(
+                (
+                    f"generated from {n} reference(s)",
+                    f["fs_adapter"],
+                    j["fs_adapter"],
+                    f["identification"]["adapter"]["top1"],
+                    j["identification"]["adapter"]["top1"],
+                )
+            )
+            rows.append(
+                (f"  Paste, {n} reference(s)", f["flashface"]["paste"], j["flashface"]["paste"], None, None)
+            )
+        rows.append(row("text-only (no references)", "fs_text_only"))
     else:
-        rows = [("adapter (generated from 1 reference)", fig["fs_adapter"])]
+        rows = [
+            row("adapter (generated from 1 reference)", "fs_adapter"),
+            row("text-only (identity input zeroed)", "fs_text_only"),
+        ]
+    c, cj = ceil["encoder"], ceil["judge"]
     rows += [
+        row(f"real photos at {fig['resolution']} px (resolution ceiling)", "fs_same_identity", "reference"),
         (
-            "text-only (no references)" if by_refs else "text-only (identity input zeroed)",
-            fig["fs_text_only"],
+            "real photos through the VAE (codec ceiling)",
+            c["vae_reconstruction"],
+            cj["vae_reconstruction"],
+            c["top1_vae_reconstruction"],
+            cj["top1_vae_reconstruction"],
         ),
-        ("same identity, real photos (ceiling)", fig["fs_same_identity"]),
-        ("different identities (floor)", fig["fs_different"]),
+        (
+            "real photos at 112 px (real-photo ceiling)",
+            c["full_resolution"],
+            cj["full_resolution"],
+            None,
+            None,
+        ),
+        ("different identities (floor)", fig["fs_different"], judge["fs_different"], None, None),
     ]
-    width = max(len(r[0]) for r in rows)
-    lines = [
-        f"FS on {fig['heldout_identities']} held-out identities (cosine of face-encoder embeddings)",
-        f"{'':<{width}}  FS",
-    ]
-    lines += [f"{name:<{width}}  {value:+.3f}" for name, value in rows]
     gap = f"gap {fig['num_refs']} reference(s) - text-only" if by_refs else "gap adapter - text-only"
-    lines.append(f"{gap:<{width}}  {fig['fs_adapter'] - fig['fs_text_only']:+.3f}")
+    rows.append(
+        (
+            gap,
+            fig["fs_adapter"] - fig["fs_text_only"],
+            judge["fs_adapter"] - judge["fs_text_only"],
+            None,
+            None,
+        )
+    )
+    width = max(len(r[0]) for r in rows)
+
+    def cell(v, pct=False):
+        if v is None:
+            return f"{'':>8}"
+        return f"{100 * v:7.1f}%" if pct else f"{v:+8.3f}"
+
+    chance = fig["identification"]["adapter"]["chance_top1"]
+    lines = [
+        (
+            f"{fig['heldout_identities']} held-out identities; FS = cosine of face embeddings to the person's "
+            f"other photos; top-1 = identified among the {fig['heldout_identities']} (chance {100 * chance:.1f}%)"
+        ),
+        f"{'':<{width}}  {'FS':>8} {'FS':>8}   {'top-1':>8} {'top-1':>8}",
+        f"{'':<{width}}  {'encoder':>8} {'judge':>8}   {'encoder':>8} {'judge':>8}",
+    ]
+    for name, a, b, t1, t2 in rows:
+        lines.append(f"{name:<{width}}  {cell(a)} {cell(b)}   {cell(t1, True)} {cell(t2, True)}")
+    lines.append(
+        "encoder: the face encoder the generator conditions on; judge: an independent one (another "
+        "architecture and seed, trained on the other half of the photos)"
+    )
     return "\n".join(lines)
 
 

@@ -38,8 +38,6 @@ CLIP_VIT_H = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 ANTELOPEV2_ARCFACE = "~/.insightface/models/antelopev2/glintr100.onnx"
 BLIP_LARGE = "Salesforce/blip-image-captioning-large"
 
-PIXEL = "pixel"  # codec name for pixel-space diffusion (no VAE)
-
 
 @dataclass
 class ZooSpec:
@@ -47,7 +45,6 @@ class ZooSpec:
 
     ``base`` is a diffusers model folder or hub name with ``unet/ vae/ text_encoder/ tokenizer/
     scheduler/`` subfolders; each per-component field overrides it with its own folder.
-    ``vae="pixel"`` selects pixel-space diffusion (no VAE).
     """
 
     base: str | None = SD15
@@ -76,7 +73,7 @@ class ZooSpec:
         ``../``, ``~``) must exist; raises naming the field (``zoo.<field>``)."""
         for name in ("base", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             value = getattr(self, name)
-            if value and value != PIXEL:
+            if value:
                 _local_or_hub(name, value)
         image = self.image_encoder
         if image.startswith(LOCAL_DIR):
@@ -125,11 +122,9 @@ def load_unet(spec: ZooSpec, **kwargs):
 
 
 def load_codec(spec: ZooSpec):
-    from .codec import PixelCodec, VaeCodec
-
-    if spec.vae == PIXEL:
-        return PixelCodec()
     from diffusers import AutoencoderKL
+
+    from .codec import VaeCodec
 
     path, sub = spec.source("vae")
     return VaeCodec(AutoencoderKL.from_pretrained(path, subfolder=sub))
@@ -174,7 +169,6 @@ class TinyConfig:
     """Sizes of the tiny random-weight zoo (a few hundred thousand parameters per component)."""
 
     resolution: int = 32
-    codec: str = "vae"  # "vae" (tiny AutoencoderKL, 2x downsampling) or "pixel"
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
     unet_attention: tuple[bool, ...] | None = None
@@ -187,7 +181,14 @@ class TinyConfig:
     clip_width: int = 32
     clip_embed_dim: int = 32
     vae_channels: tuple[int, ...] = (16, 32)
-    """AutoencoderKL block widths (two levels: 2x downsampling)."""
+    """AutoencoderKL block widths; n levels downsample 2^(n-1) x (two: 2x, as the tests' zoo; three:
+    4x, the demo's 64 px faces on 16 x 16 latents)."""
+    vae_attention: bool = True
+    """Self-attention in the VAE's mid block (SD's VAE has it; the demo drops it for speed)."""
+    vae_norm_groups: int = 8
+    """GroupNorm groups of the VAE. Each group normalises away its channels' mean, so a flat colour
+    survives only as the pattern across a group's channels: SD's VAE has 4-16 channels per group; a
+    trained small VAE needs as many (the demo: 2 groups)."""
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
     face_layers: tuple[int, ...] = (1, 1, 1, 1)
     beta_schedule: str = "scaled_linear"
@@ -196,14 +197,17 @@ class TinyConfig:
     words: list[str] | None = field(default=None)
 
     def __post_init__(self):
-        if self.codec not in ("vae", PIXEL):
-            raise ValueError(f"TinyConfig.codec must be 'vae' or 'pixel', got {self.codec!r}")
-        if len(self.vae_channels) != 2:
+        if len(self.vae_channels) < 2:
             raise ValueError(
-                f"TinyConfig.vae_channels must have 2 levels (2x downsampling), got {self.vae_channels}"
+                f"TinyConfig.vae_channels needs at least 2 levels (2x downsampling), got {self.vae_channels}"
             )
-        if self.resolution % (2 ** (len(self.unet_channels) - 1) * (2 if self.codec == "vae" else 1)):
+        if self.resolution % (2 ** (len(self.unet_channels) - 1) * self.vae_downsample):
             raise ValueError(f"resolution {self.resolution} is not divisible by the UNet/VAE downsampling")
+
+    @property
+    def vae_downsample(self) -> int:
+        """Pixels per latent of the tiny VAE."""
+        return 2 ** (len(self.vae_channels) - 1)
 
 
 def _seed(seed: int | None) -> None:
@@ -214,15 +218,14 @@ def _seed(seed: int | None) -> None:
 def tiny_unet(config: TinyConfig | None = None, *, seed: int | None = None):
     """A random-weight ``UNet2DConditionModel`` with ``config``'s widths, attention levels and sizes.
 
-    Latent input (4 channels, ``resolution / 2`` pixels) for the VAE codec, RGB (3 channels,
-    ``resolution`` pixels) for ``codec="pixel"``. ``seed`` seeds torch's global generator first;
+    Latent input: 4 channels, ``resolution / vae_downsample`` pixels. ``seed`` seeds torch's global
+    generator first;
     ``None`` draws from it as it stands (:func:`build_tiny` seeds once for the whole zoo).
     """
     from diffusers import UNet2DConditionModel
 
     cfg = config or TinyConfig()
-    pixel = cfg.codec == PIXEL
-    in_channels = 3 if pixel else 4
+    in_channels = 4
     n = len(cfg.unet_channels)
     attn = tuple(cfg.unet_attention) if cfg.unet_attention is not None else (True,) * n
     if len(attn) != n:
@@ -231,7 +234,7 @@ def tiny_unet(config: TinyConfig | None = None, *, seed: int | None = None):
     up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
     _seed(seed)
     return UNet2DConditionModel(
-        sample_size=cfg.resolution if pixel else cfg.resolution // 2,
+        sample_size=cfg.resolution // cfg.vae_downsample,
         in_channels=in_channels,
         out_channels=in_channels,
         block_out_channels=tuple(cfg.unet_channels),
@@ -245,20 +248,23 @@ def tiny_unet(config: TinyConfig | None = None, *, seed: int | None = None):
 
 
 def tiny_vae(config: TinyConfig | None = None, *, seed: int | None = None):
-    """A random-weight two-level ``AutoencoderKL`` (RGB <-> 4 latent channels, 2x downsampling)."""
+    """A random-weight ``AutoencoderKL`` (RGB <-> 4 latent channels, ``vae_downsample`` x smaller)."""
     from diffusers import AutoencoderKL
 
     cfg = config or TinyConfig()
+    levels = len(cfg.vae_channels)
     _seed(seed)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(cfg.vae_channels),
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=cfg.vae_norm_groups,
         layers_per_block=1,
+        mid_block_add_attention=cfg.vae_attention,
+        sample_size=cfg.resolution,
     )
 
 
@@ -349,10 +355,8 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     cfg = config or TinyConfig()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pixel = cfg.codec == PIXEL
     tiny_unet(cfg, seed=cfg.seed).save_pretrained(folder / "unet")  # later components continue the stream
-    if not pixel:
-        tiny_vae(cfg).save_pretrained(folder / "vae")
+    tiny_vae(cfg).save_pretrained(folder / "vae")
     _write_tokenizer_and_text_encoder(cfg, folder)
     DDPMScheduler(
         num_train_timesteps=1000,
@@ -364,30 +368,28 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     ).save_pretrained(folder / "scheduler")
     _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
     tiny_face_encoder(cfg).save_pretrained(folder / "face_encoder")
-    if not pixel:
-        import diffusers
+    import diffusers
 
-        (folder / "model_index.json").write_text(
-            json.dumps(
-                {
-                    "_class_name": "StableDiffusionPipeline",
-                    "_diffusers_version": diffusers.__version__,
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": ["diffusers", "DDPMScheduler"],
-                    "safety_checker": [None, None],
-                    "feature_extractor": [None, None],
-                    "image_encoder": [None, None],
-                    "requires_safety_checker": False,
-                },
-                indent=2,
-            )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
         )
+    )
     spec = ZooSpec(
         base=str(folder),
-        vae=PIXEL if pixel else None,
         image_encoder=f"local-dir:{folder / 'clip_image_encoder'}",
         face_encoder=str(folder / "face_encoder"),
     )
@@ -400,7 +402,7 @@ TINY_PREFIX = "tiny"
 
 
 def resolve(spec: ZooSpec) -> ZooSpec:
-    """Resolve ``base="tiny"`` / ``"tiny-pixel"`` / ``"tiny:/folder"`` to a built tiny zoo.
+    """Resolve ``base="tiny"`` / ``"tiny:/folder"`` to a built tiny zoo.
 
     Tiny twins of real configs name the zoo this way; it is built once (random weights, seconds)
     under ``$IDFORGE_CACHE`` (default ``~/.cache/idforge``) or the given folder, then loaded from
@@ -412,9 +414,8 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     if not (base == TINY_PREFIX or base.startswith((TINY_PREFIX + "-", TINY_PREFIX + ":"))):
         return spec
     name, _, folder = base.partition(":")
-    codec = PIXEL if name == f"{TINY_PREFIX}-{PIXEL}" else "vae"
-    if name not in (TINY_PREFIX, f"{TINY_PREFIX}-{PIXEL}"):
-        raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny', 'tiny-pixel' or 'tiny:/folder'")
+    if name != TINY_PREFIX:
+        raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny' or 'tiny:/folder'")
     root = (
         Path(folder)
         if folder
@@ -424,7 +425,7 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     if marker.is_file():
         built = ZooSpec(**json.loads(marker.read_text()))
     else:
-        built = build_tiny(root, TinyConfig(codec=codec))
+        built = build_tiny(root, TinyConfig())
     return ZooSpec(**{**built.to_dict(), "image_tokens": spec.image_tokens})
 
 

@@ -107,3 +107,43 @@ def test_references_and_gallery_are_split_where_asked(pipe):
     assert set(fig["flashface"]) >= {"sim_target", "sim_ref", "paste"}
     with pytest.raises(ValueError, match="at least 4 photos"):
         identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, num_refs=3)
+
+
+class Channels(torch.nn.Module):
+    """Another hand-made judge: the mean colour with its channels reordered (B, G, R)."""
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return crops.mean(dim=(2, 3)).flip(-1)
+
+
+def test_a_second_judge_scores_the_same_images_with_its_own_embedding(pipe):
+    from idforge.eval.benchmark import score_images
+
+    groups = _groups()
+    fig, images = identity_benchmark(pipe, groups, MeanColour(), steps=STEPS, judges={"bgr": Channels()})
+    lms = groups[0].landmarks[:1].expand(3, 5, 2)
+    own = score_images(Channels(), images, groups, lms, 1, 1)
+    assert fig["judges"]["bgr"] == own
+    # the real photos: every reference is its own gallery's colour -> FS 1 and top-1 100 % (chance 1/3)
+    assert own["fs_same_identity"] == pytest.approx(1.0, abs=1e-5)
+    ident = own["identification"]["reference"]
+    assert ident["top1"] == 1.0 and ident["chance_top1"] == pytest.approx(1 / 3)
+    # a hand computation of the judge's FS for the generated images (cosine to the gallery colour)
+    gen = Channels()(images["adapter"])
+    gallery = torch.tensor(COLOURS).flip(-1)
+    expected = torch.nn.functional.cosine_similarity(gen, gallery, dim=-1).mean()
+    assert own["fs_adapter"] == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_extra_image_sets_are_scored_like_the_generated_ones():
+    """VAE reconstructions (or any other per-identity image set) get their own FS and identification."""
+    from idforge.eval.benchmark import score_images
+
+    groups = _groups()
+    refs = torch.stack([g.images[0] for g in groups])
+    swapped = refs.roll(1, dims=0)  # each person gets the previous person's colour
+    lms = groups[0].landmarks[:1].expand(3, 5, 2)
+    fig = score_images(MeanColour(), {"reference": refs, "swapped": swapped}, groups, lms, 1, 1)
+    assert fig["fs_swapped"] == pytest.approx(fig["fs_different"], abs=1e-5)
+    assert fig["identification"]["swapped"]["top1"] == 0.0
+    assert "flashface" not in fig  # FlashFace's similarities belong to generated ("adapter") images

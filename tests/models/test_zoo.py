@@ -69,14 +69,22 @@ def test_diffusers_pipeline_loads_the_tiny_folder(tiny_zoo):
     assert pipe.unet.config.in_channels == 4
 
 
-def test_pixel_codec_zoo(tmp_path):
+def test_a_three_level_vae_zoo_diffuses_on_4x_smaller_latents(tmp_path):
     spec = zoo.build_tiny(
-        tmp_path / "px", zoo.TinyConfig(codec="pixel", unet_channels=(16, 32), unet_attention=(False, True))
+        tmp_path / "z4",
+        zoo.TinyConfig(
+            resolution=64,
+            vae_channels=(8, 16, 16),
+            vae_attention=False,
+            unet_channels=(16, 32),
+            unet_attention=(False, True),
+        ),
     )
-    assert spec.vae == zoo.PIXEL
-    unet = zoo.load_unet(spec)
-    assert unet.config.in_channels == 3
-    assert not (tmp_path / "px" / "vae").exists()
+    codec, unet = zoo.load_codec(spec), zoo.load_unet(spec)
+    assert codec.downsample == 4 and unet.config.sample_size == 16
+    assert codec.vae.encoder.mid_block.attentions[0] is None  # no mid-block self-attention
+    z = codec.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert z.shape == (1, 4, 16, 16) and codec.decode(z).shape == (1, 3, 64, 64)
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
 
 
@@ -92,8 +100,10 @@ def test_resolve_tiny_builds_once(tmp_path):
 def test_bad_specs_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny zoo"):
         zoo.resolve(zoo.ZooSpec(base="tiny-huge"))
-    with pytest.raises(ValueError, match="codec"):
-        zoo.TinyConfig(codec="jpeg")
+    with pytest.raises(ValueError, match="vae_channels"):
+        zoo.TinyConfig(vae_channels=(8,))
+    with pytest.raises(ValueError, match="not divisible"):
+        zoo.TinyConfig(resolution=36, vae_channels=(8, 16, 16))  # 36 px: 9 latents, not even
     from idforge.models.image_encoder import ClipImageEncoder
 
     with pytest.raises(FileNotFoundError, match="local-dir"):
@@ -115,8 +125,8 @@ def test_tiny_builders_follow_the_config_and_the_seed():
     unet = zoo.tiny_unet(cfg, seed=0)
     assert (unet.config.sample_size, unet.config.in_channels) == (8, 4)  # latents of 16 px images
     assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
-    pixel = zoo.tiny_unet(zoo.TinyConfig(resolution=16, codec="pixel", unet_channels=(16, 32)))
-    assert (pixel.config.sample_size, pixel.config.in_channels) == (16, 3)
+    four = zoo.tiny_unet(zoo.TinyConfig(resolution=32, vae_channels=(8, 16, 16), unet_channels=(16, 32)))
+    assert (four.config.sample_size, four.config.in_channels) == (8, 4)  # 4x downsampling
     assert tuple(zoo.tiny_vae(cfg).config.block_out_channels) == (8, 16)
 
     face = zoo.tiny_face_encoder(zoo.TinyConfig(face_widths=(4, 8, 8, 8)), seed=0)
@@ -126,5 +136,8 @@ def test_tiny_builders_follow_the_config_and_the_seed():
     w = "backbone.conv1.weight"
     assert torch.equal(face.state_dict()[w], again.state_dict()[w])
     assert not torch.equal(face.state_dict()[w], other.state_dict()[w])
-    with pytest.raises(ValueError, match="vae_channels"):
-        zoo.TinyConfig(vae_channels=(8, 16, 32))
+    assert tuple(zoo.tiny_vae(zoo.TinyConfig(vae_channels=(8, 16, 32))).config.block_out_channels) == (
+        8,
+        16,
+        32,
+    )
