@@ -4,7 +4,7 @@ Layout (``IdentityPipeline.save_pretrained``; safetensors only)::
 
     out/
       model_index.json            # IdentityPipeline + resolution, crop_scale, template
-      unet/ vae/                  # plain UNet2DConditionModel / AutoencoderKL
+      unet/ vae/                  # plain UNet2DConditionModel / AutoencoderKL (vae absent: pixel models)
       text_encoder/ tokenizer/
       scheduler/                  # the INFERENCE scheduler (DDIM by default), same noise schedule
       adapter/                    # adapter + identity attention processors: the adapter-only export
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from idforge.models.attention import processor_key
-from idforge.models.codec import VaeCodec
+from idforge.models.codec import PixelCodec, VaeCodec
 from idforge.models.generator import IdentityGenerator
 
 from idforge import __version__
@@ -63,7 +63,7 @@ def pipeline_from_generator(
         IdentityAdapterModel.from_parts(model.adapter, model.unet) if model.adapter is not None else None
     )
     pipe = IdentityPipeline(
-        vae=model.codec.vae,
+        vae=model.codec.vae if isinstance(model.codec, VaeCodec) else None,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
@@ -83,11 +83,7 @@ def generator_from_pipeline(pipe: IdentityPipeline) -> IdentityGenerator:
     """The training-side view (:class:`IdentityGenerator`) of a pipeline's components, shared."""
     from diffusers import DDPMScheduler
 
-    if pipe.vae is None:
-        raise ValueError(
-            "generator_from_pipeline: the pipeline has no VAE (every idforge model diffuses in a VAE's latents)"
-        )
-    codec = VaeCodec(pipe.vae, sample_posterior=False)
+    codec = VaeCodec(pipe.vae, sample_posterior=False) if pipe.vae is not None else PixelCodec()
     gen = IdentityGenerator(
         pipe.unet,
         codec,
@@ -227,6 +223,7 @@ def export_generator(
         "version": __version__,
         "resolution": int(resolution),
         "crop_scale": crop_scale,
+        "codec": "vae" if pipe.vae is not None else "pixel",
         "variant": variant,
         "scheduler": scheduler,
         **extra,

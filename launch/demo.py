@@ -34,14 +34,17 @@ class DemoConfig:
     heldout_identities: int = 40
     images_per_identity: int = 8
     render_resolution: int = 64
-    resolution: int = 64
+    codec: str = "pixel"
+    """``pixel`` (diffusion on 16 px RGB) or ``vae`` (faces at ``resolution``, 64 px with ``idforge demo
+    --codec vae``, in the latents of a small VAE trained on the demo's photos)."""
+    resolution: int = 16
     crop_scale: float = 0.8
     face_widths: tuple[int, ...] = (8, 16, 32, 64)
     """Conditioning face encoder: IResNet (1, 1, 1, 1) blocks of these widths."""
     judge_layers: tuple[int, ...] = (1, 2, 1, 1)
     judge_widths: tuple[int, ...] = (8, 12, 24, 48)
     """Independent judge: another IResNet depth and width, another seed, the other half of the photos."""
-    face_epochs: int = 8
+    face_epochs: int = 6
     face_batch_size: int = 64
     vae_channels: tuple[int, ...] = (16, 32, 64)
     """AutoencoderKL widths (three levels: 4x downsampling)."""
@@ -68,6 +71,9 @@ class DemoConfig:
     """lambda_id of the time-weighted identity loss (0: off)."""
     id_drop_prob: float = 0.1
     """Share of training samples whose identity embeddings are zeroed (the guidance's null branch)."""
+    text_drop_prob: float = 0.0
+    """Share of training samples whose caption alone is emptied (the identity must then carry the
+    person's colours, which SynthID's captions also name)."""
     guidance_scale: float = 2.0
     sampling_steps: int = 25
     seed: int = 0
@@ -87,7 +93,6 @@ class DemoConfig:
             num_identities=12,
             heldout_identities=4,
             images_per_identity=4,
-            resolution=32,
             face_epochs=1,
             vae_channels=(8, 8, 16),
             vae_train=VaeTrainConfig(steps=3, batch_size=4, crop=16),
@@ -178,6 +183,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         out / "zoo",
         TinyConfig(
             resolution=cfg.resolution,
+            codec=cfg.codec,
             vae_channels=tuple(cfg.vae_channels),
             vae_attention=False,
             vae_norm_groups=cfg.vae_norm_groups,
@@ -199,21 +205,23 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         f"rejected {manifest['rejected']}",
     )
 
-    with tqdm(total=cfg.vae_train.steps, unit="step", desc="VAE") as bar:
-        vae, vae_fig = demo_vae(
-            cfg,
-            synth_cfg,
-            renders,
-            synth.train_ids,
-            progress=lambda step, loss: (bar.set_postfix(loss=f"{loss:.3f}"), bar.update(1)),
+    vae_fig = None
+    if cfg.codec == "vae":
+        with tqdm(total=cfg.vae_train.steps, unit="step", desc="VAE") as bar:
+            vae, vae_fig = demo_vae(
+                cfg,
+                synth_cfg,
+                renders,
+                synth.train_ids,
+                progress=lambda step, loss: (bar.set_postfix(loss=f"{loss:.3f}"), bar.update(1)),
+            )
+        vae.save_pretrained(out / "zoo" / "vae")
+        clock.done(
+            "VAE",
+            ("loaded from the cache " if vae_fig["cached"] else "trained, cached in ")
+            + f"{vae_fig['folder']}; reconstruction L1 {vae_fig['recon_l1']:.3f}, "
+            f"latent scaling factor {vae_fig['scaling_factor']:.3f}",
         )
-    vae.save_pretrained(out / "zoo" / "vae")
-    clock.done(
-        "VAE",
-        ("loaded from the cache " if vae_fig["cached"] else "trained, cached in ")
-        + f"{vae_fig['folder']}; reconstruction L1 {vae_fig['recon_l1']:.3f}, "
-        f"latent scaling factor {vae_fig['scaling_factor']:.3f}",
-    )
 
     id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
     uses_reference = cfg.generator != "adapter"
@@ -228,6 +236,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
         identity_loss=id_loss,
         optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
         id_drop_prob=cfg.id_drop_prob,
+        text_drop_prob=cfg.text_drop_prob,
     )
     trainer = L.Trainer(
         max_steps=cfg.steps,
@@ -317,13 +326,15 @@ def _ceilings(pipe, faces: dict, renders: dict, groups, lms, start: int, images:
     from .demo_models import aligned_crops
 
     refs = images["reference"]
-    recon = pipe.decode_latents_to_images(pipe.encode_images(refs)).cpu()
+    sets = {"reference": refs}
+    if pipe.vae is not None:
+        sets["vae_reconstruction"] = pipe.decode_latents_to_images(pipe.encode_images(refs)).cpu()
     out = {}
     for name in ("encoder", "judge"):
         enc = faces[name]
         fig = score_images(
             enc,
-            {"reference": refs, "vae_reconstruction": recon},
+            sets,
             groups,
             lms.expand(len(groups), -1, -1),
             1,
@@ -337,11 +348,12 @@ def _ceilings(pipe, faces: dict, renders: dict, groups, lms, start: int, images:
             full_fs.append(float(cosine(emb[:1], gallery[None])))
         out[name] = {
             "generation_resolution": fig["fs_same_identity"],
-            "vae_reconstruction": fig["fs_vae_reconstruction"],
             "full_resolution": sum(full_fs) / len(full_fs),
             "top1_generation_resolution": fig["identification"]["reference"]["top1"],
-            "top1_vae_reconstruction": fig["identification"]["vae_reconstruction"]["top1"],
         }
+        if "vae_reconstruction" in sets:
+            out[name]["vae_reconstruction"] = fig["fs_vae_reconstruction"]
+            out[name]["top1_vae_reconstruction"] = fig["identification"]["vae_reconstruction"]["top1"]
     return out
 
 
@@ -395,15 +407,20 @@ def format_table(fig: dict) -> str:
             row("text-only (identity input zeroed)", "fs_text_only"),
         ]
     c, cj = ceil["encoder"], ceil["judge"]
+    rows.append(
+        row(f"real photos at {fig['resolution']} px (resolution ceiling)", "fs_same_identity", "reference")
+    )
+    if "vae_reconstruction" in c:
+        rows.append(
+            (
+                "real photos through the VAE (codec ceiling)",
+                c["vae_reconstruction"],
+                cj["vae_reconstruction"],
+                c["top1_vae_reconstruction"],
+                cj["top1_vae_reconstruction"],
+            )
+        )
     rows += [
-        row(f"real photos at {fig['resolution']} px (resolution ceiling)", "fs_same_identity", "reference"),
-        (
-            "real photos through the VAE (codec ceiling)",
-            c["vae_reconstruction"],
-            cj["vae_reconstruction"],
-            c["top1_vae_reconstruction"],
-            cj["top1_vae_reconstruction"],
-        ),
         (
             "real photos at 112 px (real-photo ceiling)",
             c["full_resolution"],

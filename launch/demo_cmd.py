@@ -13,6 +13,7 @@ def demo(
     seed: int | None = None,
     identity_loss: float | None = None,
     generator: Literal["adapter", "referencenet", "both"] = "adapter",
+    codec: Literal["pixel", "vae"] = "pixel",
 ) -> int:
     """Run the end-to-end demo on SynthID with tiny models, offline on a CPU.
 
@@ -24,6 +25,8 @@ def demo(
         identity_loss: lambda_id of the time-weighted identity loss (default: off).
         generator: adapter (Diff-ID), referencenet (FlashFace: trained on 1-4 reference photos at batch
             16, scored with 1 and 4) or both.
+        codec: pixel (diffusion on 16 px RGB) or vae (64 px faces in the latents of a small
+            AutoencoderKL trained on the demo's photos, then cached; quick: 32 px).
     """
     from .demo import DemoConfig, format_table, run_demo
 
@@ -35,6 +38,8 @@ def demo(
     if identity_loss is not None:
         cfg.identity_loss = identity_loss
     cfg.generator = generator
+    if codec == "vae":
+        cfg.codec, cfg.resolution = "vae", 32 if quick else 64
     if generator != "adapter" and not quick:
         cfg.batch_size = 16  # every sample also carries 1-4 reference photos through the ReferenceNet
     print(f"idforge demo -> {out}  ({'quick' if quick else 'full'} run, CPU, offline)", flush=True)

@@ -1,10 +1,9 @@
-"""The codec between images and the space the UNet denoises: an ``AutoencoderKL``'s latents.
+"""Codecs between images and the space the UNet denoises: SD's VAE latents, or pixels.
 
 The generator only ever calls ``encode``/``decode`` and reads ``latent_channels`` and
 ``downsample`` (pixels per latent), so the same training and sampling code runs with the real
-SD1.5 VAE (4 x 64 x 64 latents for 512 px, scaled by ``scaling_factor`` 0.18215, as in Rombach et
-al. 2022) and with the demo's small VAE (4 x 16 x 16 latents for 64 px, its scaling factor measured
-on its training photos; :mod:`idforge.train.vae`).
+SD1.5 ``AutoencoderKL`` (4 x 64 x 64 latents for 512 px, scaled by ``scaling_factor`` 0.18215, as in
+Rombach et al. 2022) and with pixel-space diffusion for the tiny CPU demo.
 """
 
 from __future__ import annotations
@@ -24,6 +23,19 @@ class Codec(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+
+class PixelCodec(Codec):
+    """Identity codec: the UNet denoises RGB pixels directly (3 channels, no downsampling)."""
+
+    latent_channels = 3
+    downsample = 1
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return images
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
 
 
 class VaeCodec(Codec):
