@@ -7,14 +7,22 @@ and the set-level FID / CMMD are computed over successful edits only, and a sequ
 at its first failure (later steps of that chain are not scored at all).
 
 :func:`score_edits` computes the records from images: the VLM score of each edited image
-(:class:`idforge.eval.vlm.VlmJudge`, FlowID eq. 6), IP (ArcFace cosine of the edited face to the
-input face), LPIPS to the input, CLIP score to the target prompt, then FID / CMMD of the successful
-edits against a real set (by default the input photos; FlowID uses 14,000 FFHQ images).
+(:class:`idforge.eval.vlm.VlmJudge`, FlowID eq. 6), IP, LPIPS to the input, CLIP score to the target
+prompt, then FID / CMMD of the successful edits against a real set (by default the input photos;
+FlowID uses 14,000 FFHQ images).
+
+IP is the ArcFace cosine of the edited face to the mean embedding of the person's other photos
+(FlowID sec. 4.1, InjuredFaces: "a reference embedding a by averaging the embeddings of its
+uninjured portraits") when the batch row lists ``references``, else to the input photo (Diff-ID's
+FS against one source); each record's ``ip_against`` says which, and the summary counts both.
+References whose face is not found are left out of the mean; a row whose references all fail falls
+back to the input and is counted (``ip_references_failed``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def _walk_chains(records: list[dict], threshold: float, success: str) -> tuple[list[dict], list[dict], int]:
@@ -93,6 +103,7 @@ class Edit:
     edited: torch.Tensor  # (3, H, W) in [-1, 1]
     target: str  # the target prompt (CLIP score)
     concept: str | None = None  # fills ``{concept}`` in the VLM question
+    references: torch.Tensor | None = None  # (K, 3, H, W) in [-1, 1], the person's other photos (IP)
 
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -103,9 +114,36 @@ def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
     )  # fmt: skip  # (N, 3, size, size)
 
 
+def _reference_means(edits: list[Edit], size: int, scorers) -> dict[int, torch.Tensor | None]:
+    """Mean embedding (D,) of each distinct ``references`` tensor (the steps of a chain share one),
+    keyed by its ``id``, over the references whose face was found; None where none was."""
+    from .identification import mean_embedding
+    from .identity import embed_generated
+
+    groups = {id(e.references): e.references for e in edits if e.references is not None}
+    if not groups:
+        return {}
+    refs = _stack([x for g in groups.values() for x in g], size)  # (sum K, 3, size, size)
+    emb, found = embed_generated(scorers.judge, refs, scorers.detector, scorers.template_landmarks)
+    out, start = {}, 0
+    for key, g in groups.items():
+        e, ok = emb[start : start + len(g)], found[start : start + len(g)]
+        start += len(g)
+        out[key] = mean_embedding(e[ok]) if ok.any() else None
+        if not ok.all():
+            log.info(
+                "IP: %d of %d reference photos without a detected face, left out", int((~ok).sum()), len(g)
+            )
+    return out
+
+
 def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None = None) -> tuple[list, dict]:
     """(per-edit records, summary) of the edit protocol; ``scorers`` is a runner ``Scorers`` with a
-    ``vlm`` judge (required: it decides which edits count), optional ``clip``, ``lpips``, FID features."""
+    ``vlm`` judge (required: it decides which edits count), optional ``clip``, ``lpips``, FID features.
+
+    IP is against the mean embedding of an edit's ``references`` when it has any with a detected
+    face, else against its input photo; records carry ``ip_against`` and the summary its counts over
+    the successful edits, plus ``ip_references_failed`` (edits whose references all went undetected)."""
     from .clip_score import clip_score
     from .cmmd import cmmd
     from .fid import frechet_distance
@@ -126,12 +164,22 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
         {"index": i, "chain": e.chain, "step": e.step, "target": e.target, "vlm": float(vlm[i])}
         for i, e in enumerate(edits)
     ]
+    ip_failed = 0
     if "ip" in m:
         ge, _ = embed_generated(scorers.judge, edited, scorers.detector, scorers.template_landmarks)
         oe, _ = embed_generated(scorers.judge, original, scorers.detector, scorers.template_landmarks)
-        for r, c in zip(records, cosine(ge, oe).tolist()):
-            if not math.isnan(c):  # NaN: a face not found in one of the two images
-                r["ip"] = c
+        against = ["input"] * len(edits)
+        means = _reference_means(edits, size, scorers)
+        for i, e in enumerate(edits):
+            if e.references is None:
+                continue
+            if means[id(e.references)] is None:  # no reference face found: the input photo instead
+                ip_failed += 1
+            else:
+                oe[i], against[i] = means[id(e.references)], "references"
+        for r, c, a in zip(records, cosine(ge, oe).tolist(), against):
+            if not math.isnan(c):  # NaN: a face not found in the edited image (or the input)
+                r["ip"], r["ip_against"] = c, a
     if "lpips" in m and scorers.lpips is not None:
         from .lpips_metric import lpips_distance
 
@@ -148,6 +196,10 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
     kept = [
         r["index"] for r in successful_edits(records, protocol.success_threshold, protocol.vlm_success)[0]
     ]
+    if "ip" in m:  # what the IP mean (successful edits) was measured against
+        ips = [records[i]["ip_against"] for i in kept if "ip" in records[i]]
+        out["ip_against"] = {a: ips.count(a) for a in ("references", "input")}
+        out["ip_references_failed"] = ip_failed
     real = original if real is None else real
     if "fid" in m and scorers.fid_features is not None:  # a set metric needs >= 2 successful edits
         fr = scorers.cache.get(f"{scorers.fid_name}-real", real, scorers.fid_features)
@@ -161,35 +213,47 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
 
 
 def load_edit_outputs(batch: Path, folder: Path) -> list[Edit]:
-    """The edits ``idforge edit --batch BATCH --out FOLDER`` wrote: line i's chain is ``FOLDER/<i:04d>/``
+    """The edits ``idforge edit --batch BATCH --out FOLDER`` wrote: row i's chain is ``FOLDER/<i:04d>/``
     (``edited.png``, or ``edit_NN_edited.png`` per step of a sequence); the target and concept come
-    from the PNG's ``idforge:edit`` text, the original from the line's ``image`` (cropped as the editor did)."""
+    from the PNG's ``idforge:edit`` text, the original from the row's ``image`` and the optional
+    ``references`` from its list of the person's other photos, all cropped as the editor did
+    (:func:`idforge.inference.edit.output.load_photo`). ``BATCH`` is JSONL or CSV
+    (:func:`idforge.launch.edit_cmd.read_batch`)."""
     from idforge.inference.edit.output import load_photo
+    from idforge.launch.edit_cmd import batch_path, read_batch_lines
     from PIL import Image
 
     if not batch.is_file():
         raise FileNotFoundError(
-            f"--edits {batch}: no such file; pass the JSONL given to `idforge edit --batch`"
+            f"--edits {batch}: no such file; pass the JSONL or CSV given to `idforge edit --batch`"
         )
-    rows = [json.loads(line) for line in batch.read_text().splitlines() if line.strip()]
     edits = []
-    for i, row in enumerate(rows):
+    for i, (line, row) in enumerate(read_batch_lines(batch)):
         files = sorted((folder / f"{i:04d}").glob("edit_*_edited.png")) or [
             folder / f"{i:04d}" / "edited.png"
         ]
         if not files[0].is_file():
             raise FileNotFoundError(
-                f"--images {folder}: no {files[0]} for line {i + 1} of {batch}; "
+                f"--images {folder}: no {files[0]} for line {line} of {batch}; "
                 f"run `idforge edit --batch {batch} --out {folder}` first"
             )
-        photo = Path(row["image"]).expanduser()
-        photo = photo if photo.is_absolute() else batch.parent / photo
+        refs = [batch_path(p, batch) for p in row.get("references", [])]
+        for p in refs:
+            if not p.is_file():
+                raise FileNotFoundError(
+                    f"--edits {batch}: line {line}, reference photo {p} does not exist; "
+                    f"fix the path (relative paths are under {batch.parent}) or drop it from 'references'"
+                )
+        photo = batch_path(row["image"], batch)
+        references = None
         for step, f in enumerate(files):
             img = Image.open(f)
             info = json.loads(img.text.get("idforge:edit", "{}")) if hasattr(img, "text") else {}
             x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(
                 2, 0, 1
             )
+            if refs and references is None:  # one tensor shared by the chain's steps: embedded once
+                references = torch.cat([load_photo(p, x.shape[-1])[0] for p in refs])  # (K, 3, H, W)
             edits.append(
                 Edit(
                     chain=f"{i:04d}",
@@ -198,6 +262,7 @@ def load_edit_outputs(batch: Path, folder: Path) -> list[Edit]:
                     edited=x,
                     target=info.get("target", row.get("target", "")),
                     concept=info.get("concept", row.get("concept")),
+                    references=references,
                 )
             )
     return edits

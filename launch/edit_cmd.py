@@ -9,14 +9,27 @@ from pathlib import Path
 
 REQUIRED = ("image", "target")
 """Columns every batch row needs; the others (source, concept, preset, strength, kernel, mode, then)
-fall back to the command's options."""
+fall back to the command's options, and ``references`` (the person's other photos) is read only by
+``idforge eval`` (FlowID's IP against their mean embedding, :mod:`idforge.eval.edits`)."""
+
+
+def batch_path(value: str, batch: Path) -> Path:
+    """A photo path of a batch row: ``~`` expanded, relative paths under the batch file's folder."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else batch.parent / p
 
 
 def read_batch(path: Path) -> list[dict]:
     """Edits of a ``--batch`` file, one per row: JSONL (one object a line) or CSV (a header row naming
-    the columns; empty cells take the command's options; ``then`` holds a JSON list of further edits).
+    the columns; empty cells take the command's options; ``then`` holds a JSON list of further edits;
+    ``references`` a ``;``-separated list of photo paths, a JSON list in JSONL).
 
     Raises a one-line error naming the file, the row (its line in the file) and what is missing."""
+    return [r for _, r in read_batch_lines(path)]
+
+
+def read_batch_lines(path: Path) -> list[tuple[int, dict]]:
+    """(line in the file, row) of each edit of :func:`read_batch`, for errors that name the line."""
     if not path.is_file():
         raise FileNotFoundError(
             f"--batch {path}: no such file (JSONL or CSV: image, source, target, concept)"
@@ -48,6 +61,8 @@ def read_batch(path: Path) -> list[dict]:
                     raise ValueError(
                         f"--batch {path}: line {line}, column 'then' is not a JSON list ({e})"
                     ) from e
+            if "references" in r:
+                r["references"] = [p.strip() for p in r["references"].split(";") if p.strip()]
             rows.append((line, r))
     else:
         for line, raw in enumerate(text.splitlines(), 1):
@@ -66,9 +81,15 @@ def read_batch(path: Path) -> list[dict]:
                 f"--batch {path}: line {line} has no {' or '.join(repr(c) for c in missing)}; every row needs "
                 f"{' and '.join(REQUIRED)}"
             )
+        refs = r.get("references")
+        if refs is not None and not (isinstance(refs, list) and all(isinstance(p, str) for p in refs)):
+            raise ValueError(
+                f"--batch {path}: line {line}, column 'references' is {refs!r}; give a list of photo "
+                f"paths (JSONL) or paths separated by ';' (CSV)"
+            )
     if not rows:
         raise ValueError(f"--batch {path}: no edits in the file; give one row per edit")
-    return [r for _, r in rows]
+    return rows
 
 
 def edit(
@@ -128,7 +149,7 @@ def edit(
         micro_batch: accumulated samples per forward (grad_accum: one batched forward).
         gradient_checkpointing: trade compute for memory while fine-tuning.
         then: further edits of the result, each a JSON object with target, concept and optional source/preset/strength/kernel/mode (the tuned model is reused).
-        batch: JSONL or CSV (.csv, header row) file, one edit per row: image, target, optional source/concept/preset/strength/kernel/mode/then (relative image paths are under the file's folder).
+        batch: JSONL or CSV (.csv, header row) file, one edit per row: image, target, optional source/concept/preset/strength/kernel/mode/then, and references (the person's other photos, read only by `idforge eval` for IP; a JSON list, `;`-separated in CSV); relative paths are under the file's folder.
         resolution: square size the photo is resized to (default: the model's).
         dtype: float32, bfloat16 or float16.
         device: where to run (cpu, cuda).

@@ -49,7 +49,7 @@ def _evaluate_edits(
 
     if edits is None or images is None:
         raise ValueError(
-            f"--protocol {proto.name}: pass --edits BATCH.jsonl and --images OUT (the folder `idforge edit --batch` wrote)"
+            f"--protocol {proto.name}: pass --edits BATCH (the JSONL or CSV) and --images OUT (the folder `idforge edit --batch` wrote)"
         )
     if judge is None:
         raise ValueError(f"--protocol {proto.name}: pass --judge (a face encoder) for IP")
@@ -150,7 +150,7 @@ def evaluate(
         detector: how faces in scored images are located: `template` (the aligned-crop template, every
             image counts as detected), `insightface` or `dlib` (undetected faces are counted).
         batch_size: images per sampling batch (and per VLM forward).
-        edits: edit protocols: the JSONL given to `idforge edit --batch`; --images is its --out folder.
+        edits: edit protocols: the JSONL or CSV given to `idforge edit --batch` (its optional references column: IP against their mean embedding); --images is its --out folder.
         vlm: edit protocols: local VLM folder (or cached hub name) for the yes/no score; default the
             protocol's vlm_model.
         lpips: edit protocols: LPIPS backbone, a torchvision checkpoint as `alex:PATH` (default net,

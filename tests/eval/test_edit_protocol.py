@@ -8,9 +8,12 @@ import json
 import pytest
 import torch
 import yaml
+from idforge.data_pipeline.align import template_for
 from idforge.eval.clip_score import ClipModel
 from idforge.eval.cmmd import cmmd
 from idforge.eval.edits import load_edit_outputs
+from idforge.eval.identification import mean_embedding
+from idforge.eval.identity import cosine, embed_generated, load_judge
 from idforge.eval.lpips_metric import load_lpips, lpips_distance
 from idforge.eval.protocols import CONFIG_DIR
 from idforge.eval.vlm import VlmJudge
@@ -52,6 +55,8 @@ def test_edits_protocol_scores_successful_edits_only(models, tmp_path):
             tmp_path / f"in{row}.png"
         )
         lines.append({"image": f"in{row}.png", "target": "a person's face", "concept": "wound"})
+        if row == 2:  # IP of row 2 against its person's other photos (FlowID), rows 0-1 against the input
+            lines[-1]["references"] = ["in0.png", "in1.png"]
         for j, k in enumerate(steps):
             name = "edited.png" if len(steps) == 1 else f"edit_{j:02d}_edited.png"
             info = {"target": f"a person's face, step {j}", "concept": "wound"}
@@ -78,6 +83,14 @@ def test_edits_protocol_scores_successful_edits_only(models, tmp_path):
     torch.testing.assert_close(edited, pool[[order[0], order[3], order[2], order[1]]])
     lp = lpips_distance(load_lpips(models["lpips"], net="squeeze"), edited, original)
     assert summary["lpips"] == pytest.approx(float(lp[kept].mean()), abs=1e-6)
+    lms = torch.as_tensor(template_for(32), dtype=torch.float32)
+    e = embed_generated(
+        load_judge(models["judge"])[0], torch.cat([edited, original, originals[:2]]), None, lms
+    )[0]
+    ip = [cosine(e[0], e[4]), cosine(e[3], mean_embedding(e[8:]))]  # row 0: the input; row 2: in0, in1
+    assert [r.get("ip_against") for r in records] == ["input", "input", "input", "references"]
+    assert summary["ip_against"] == {"references": 1, "input": 1} and summary["ip_references_failed"] == 0
+    assert summary["ip"] == pytest.approx(float(sum(ip)) / 2, abs=1e-5)
     clip = ClipModel(f"local-dir:{models['clip']}")
     expect = cmmd(clip.image_features(edited[kept]), clip.image_features(original))
     assert summary["cmmd"] == pytest.approx(expect, rel=1e-5)

@@ -87,14 +87,15 @@ def test_csv_batch_reads_the_same_edits_as_jsonl(tmp_path):
         {"image": "a.png", "source": "a person's face with red hair", "target": "a person's face",
          "concept": "red hair", "preset": "hair_color",
          "then": [{"target": "a person's face with a hat", "concept": "hat", "mode": "addition"}]},
-        {"image": "b.png", "target": "a person's face", "strength": "0.5"},
+        {"image": "b.png", "target": "a person's face", "strength": "0.5",
+         "references": ["refs/b1.png", "/photos/b 2.png"]},
     ]  # fmt: skip
     (tmp_path / "e.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     (tmp_path / "e.csv").write_text(
-        "image,source,target,concept,preset,strength,then\n"
+        "image,source,target,concept,preset,strength,then,references\n"
         "a.png,a person's face with red hair,a person's face,red hair,hair_color,,"
-        '"[{""target"": ""a person\'s face with a hat"", ""concept"": ""hat"", ""mode"": ""addition""}]"\n'
-        "b.png,,a person's face,,,0.5,\n"
+        '"[{""target"": ""a person\'s face with a hat"", ""concept"": ""hat"", ""mode"": ""addition""}]",\n'
+        "b.png,,a person's face,,,0.5,,refs/b1.png; /photos/b 2.png;\n"
     )
     assert read_batch(tmp_path / "e.csv") == read_batch(tmp_path / "e.jsonl") == rows
 
@@ -107,6 +108,7 @@ def test_csv_batch_reads_the_same_edits_as_jsonl(tmp_path):
         ("short.csv", "image,target\na.png\n", r"short\.csv: line 2 has no 'target'"),
         ("bad_then.csv", "image,target,then\na.png,t,[x\n", r"bad_then\.csv: line 2, column 'then'"),
         ("lines.jsonl", '{"image": "a.png", "target": "t"}\n{"image": "b.png"}\n', r"lines\.jsonl: line 2 has no 'target'"),
+        ("refs.jsonl", '{"image": "a.png", "target": "t", "references": "r.png"}\n', r"refs\.jsonl: line 1, column 'references' is 'r.png'; give a list"),
     ],
 )  # fmt: skip
 def test_batch_errors_name_the_file_the_row_and_the_missing_column(tmp_path, name, text, message):
@@ -121,8 +123,9 @@ def test_batch_errors_name_the_file_the_row_and_the_missing_column(tmp_path, nam
 def test_edit_command_runs_a_csv_batch(tiny_export_dir, tmp_path):
     _photo_with_gps(tmp_path / "a.png")
     (tmp_path / "edits.csv").write_text(
-        "image,source,target,concept\na.png,a person's face with red hair,a person's face,red hair\n"
-    )
+        "image,source,target,concept,references\n"
+        "a.png,a person's face with red hair,a person's face,red hair,a2.png;a3.png\n"
+    )  # references: read by `idforge eval` only, not needed (nor checked) by the edit
     out = tmp_path / "out"
     rc = main(["edit", "--config", str(Path(CONFIGS[0]).parent / "tiny.yaml"), "--model", str(tiny_export_dir),
                "--batch", str(tmp_path / "edits.csv"), "--out", str(out), "--steps", "4"])  # fmt: skip
