@@ -56,11 +56,11 @@ def test_loss_is_l1_plus_weighted_l2_plus_weighted_kl():
     vae, x = _vae(), _images(4)
     cfg = VaeTrainConfig(mse_weight=0.5, kl_weight=0.01)
     loss, parts = vae_loss(vae, x, cfg, torch.Generator().manual_seed(3))
-    assert float(loss) == pytest.approx(parts["l1"] + 0.5 * parts["l2"] + 0.01 * parts["kl"], rel=1e-5)
+    assert loss.item() == pytest.approx(parts["l1"] + 0.5 * parts["l2"] + 0.01 * parts["kl"], rel=1e-5)
     # the reconstruction is of a posterior sample drawn from the given generator
     again, _ = vae_loss(vae, x, cfg, torch.Generator().manual_seed(3))
     other, _ = vae_loss(vae, x, cfg, torch.Generator().manual_seed(4))
-    assert float(again) == float(loss) and float(other) != float(loss)
+    assert again.item() == loss.item() and other.item() != loss.item()
 
 
 def test_windows_are_crops_of_each_image():
