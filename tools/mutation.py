@@ -52,7 +52,10 @@ CACHE = ROOT / ".mutmut-cache"
 MODULES: dict[str, list[str]] = {
     "models/adapter.py": ["tests/models/test_adapter.py", "tests/models/test_adapter_mutants.py"],
     "models/attention.py": ["tests/models/test_attention.py", "tests/models/test_attention_mutants.py"],
-    "models/reference_attention.py": ["tests/models/test_reference_attention.py"],
+    "models/reference_attention.py": [
+        "tests/models/test_reference_attention.py",
+        "tests/models/test_reference_attention_mutants.py",
+    ],
     "models/losses.py": ["tests/models/test_losses.py", "tests/models/test_losses_mutants.py"],
     "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
     "inference/pipeline.py": ["tests/inference/test_pipeline.py"],
