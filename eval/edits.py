@@ -143,7 +143,9 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
 
     IP is against the mean embedding of an edit's ``references`` when it has any with a detected
     face, else against its input photo; records carry ``ip_against`` and the summary its counts over
-    the successful edits, plus ``ip_references_failed`` (edits whose references all went undetected)."""
+    the successful edits, plus ``ip_references_failed`` (edits whose references all went undetected).
+    Edited images whose face is not found get no IP; records say ``face_found`` and the summary counts
+    them (``undetected`` over all edits, ``undetected_successful`` over the successful ones)."""
     from .clip_score import clip_score
     from .cmmd import cmmd
     from .fid import frechet_distance
@@ -166,8 +168,10 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
     ]
     ip_failed = 0
     if "ip" in m:
-        ge, _ = embed_generated(scorers.judge, edited, scorers.detector, scorers.template_landmarks)
+        ge, found = embed_generated(scorers.judge, edited, scorers.detector, scorers.template_landmarks)
         oe, _ = embed_generated(scorers.judge, original, scorers.detector, scorers.template_landmarks)
+        for r, f in zip(records, found.tolist()):
+            r["face_found"] = bool(f)
         against = ["input"] * len(edits)
         means = _reference_means(edits, size, scorers)
         for i, e in enumerate(edits):
@@ -200,6 +204,10 @@ def score_edits(edits: list[Edit], protocol, scorers, real: torch.Tensor | None 
         ips = [records[i]["ip_against"] for i in kept if "ip" in records[i]]
         out["ip_against"] = {a: ips.count(a) for a in ("references", "input")}
         out["ip_references_failed"] = ip_failed
+        # edited images without a detected face: no IP, counted over every edit and over the
+        # successful ones (whose IP mean they would otherwise silently leave)
+        out["undetected"] = sum(not r["face_found"] for r in records)
+        out["undetected_successful"] = sum(not records[i]["face_found"] for i in kept)
     real = original if real is None else real
     if "fid" in m and scorers.fid_features is not None:  # a set metric needs >= 2 successful edits
         fr = scorers.cache.get(f"{scorers.fid_name}-real", real, scorers.fid_features)

@@ -113,6 +113,8 @@ def test_ip_is_against_the_mean_of_the_reference_photos_else_the_input():
     assert records[3]["ip"] == pytest.approx(_cos((0.4, 0.4, 0.1), o), abs=1e-6)
     assert [r.get("ip_against") for r in records] == ["references", "references", "input", "input", None]
     assert "ip" not in records[4]  # undetected edited face: no IP, as before
+    assert [r["face_found"] for r in records] == [True, True, True, True, False]
+    assert summary["undetected"] == 1 and summary["undetected_successful"] == 1
     assert summary["ip_against"] == {"references": 2, "input": 2}
     assert summary["ip_references_failed"] == 1
     assert summary["ip"] == pytest.approx(sum(r["ip"] for r in records[:4]) / 4)
@@ -170,3 +172,18 @@ def test_a_missing_reference_photo_is_a_one_line_error_naming_the_file_and_line(
     with pytest.raises(FileNotFoundError, match=rf"{name}: line {line}, reference photo .*gone\.png") as e:
         load_edit_outputs(tmp_path / name, tmp_path / "out")
     assert "\n" not in str(e.value)
+
+
+def test_undetected_edited_faces_are_counted_over_all_edits_and_over_the_successful_ones():
+    o = (0.2, 0.6, 0.2)
+    black = (-1.0, -1.0, -1.0)  # NoFaceInBlack finds no face here
+    edits = [
+        Edit("a", 0, _flat(*o), _flat(*black), "t"),  # successful, no face
+        Edit("b", 0, _flat(*o), _flat(*black), "t"),  # failed (VLM 0.9), no face
+        Edit("c", 0, _flat(*o), _flat(0.4, 0.4, 0.1), "t"),  # successful, face found
+    ]
+    scorers = Scorers(MeanColour(), "mean colour", NoFaceInBlack(), vlm=FixedVlm([0.1, 0.9, 0.2]))
+    records, summary = score_edits(edits, Protocol("p", kind="edit", metrics=["ip"]), scorers)
+    assert [r["face_found"] for r in records] == [False, False, True]
+    assert (summary["undetected"], summary["undetected_successful"]) == (2, 1)
+    assert summary["ip"] == pytest.approx(_cos((0.4, 0.4, 0.1), o), abs=1e-6)  # the one found face
