@@ -93,6 +93,21 @@ def summarize_edits(
     return out
 
 
+@dataclass(frozen=True)
+class ReferencePhotos:
+    """A person's other photos, read from disk only when embedded: a batch of thousands of rows keeps
+    paths, not (K, 3, H, W) tensors, and :func:`score_edits` keeps only each row's mean embedding."""
+
+    paths: tuple[Path, ...]
+    size: int
+
+    def load(self) -> torch.Tensor:
+        """(K, 3, size, size) in [-1, 1], cropped as the editor crops its input."""
+        from idforge.inference.edit.output import load_photo
+
+        return torch.cat([load_photo(p, self.size)[0] for p in self.paths])
+
+
 @dataclass
 class Edit:
     """One edited image: its chain (the input photo's sequence of edits) and step in it."""
@@ -103,7 +118,8 @@ class Edit:
     edited: torch.Tensor  # (3, H, W) in [-1, 1]
     target: str  # the target prompt (CLIP score)
     concept: str | None = None  # fills ``{concept}`` in the VLM question
-    references: torch.Tensor | None = None  # (K, 3, H, W) in [-1, 1], the person's other photos (IP)
+    references: torch.Tensor | ReferencePhotos | None = None
+    """The person's other photos (IP): (K, 3, H, W) in [-1, 1], or read lazily from ``ReferencePhotos``."""
 
 
 def _stack(images: list[torch.Tensor], size: int) -> torch.Tensor:
@@ -121,18 +137,15 @@ def _reference_means(edits: list[Edit], size: int, scorers) -> dict[int, torch.T
     from .identity import embed_generated
 
     groups = {id(e.references): e.references for e in edits if e.references is not None}
-    if not groups:
-        return {}
-    refs = _stack([x for g in groups.values() for x in g], size)  # (sum K, 3, size, size)
-    emb, found = embed_generated(scorers.judge, refs, scorers.detector, scorers.template_landmarks)
-    out, start = {}, 0
-    for key, g in groups.items():
-        e, ok = emb[start : start + len(g)], found[start : start + len(g)]
-        start += len(g)
-        out[key] = mean_embedding(e[ok]) if ok.any() else None
+    out = {}
+    for key, g in groups.items():  # one person at a time: only the means stay in memory
+        photos = g.load() if isinstance(g, ReferencePhotos) else g
+        refs = _stack(list(photos), size)  # (K, 3, size, size)
+        emb, ok = embed_generated(scorers.judge, refs, scorers.detector, scorers.template_landmarks)
+        out[key] = mean_embedding(emb[ok]) if ok.any() else None
         if not ok.all():
             log.info(
-                "IP: %d of %d reference photos without a detected face, left out", int((~ok).sum()), len(g)
+                "IP: %d of %d reference photos without a detected face, left out", int((~ok).sum()), len(refs)
             )
     return out
 
@@ -224,7 +237,7 @@ def load_edit_outputs(batch: Path, folder: Path) -> list[Edit]:
     """The edits ``idforge edit --batch BATCH --out FOLDER`` wrote: row i's chain is ``FOLDER/<i:04d>/``
     (``edited.png``, or ``edit_NN_edited.png`` per step of a sequence); the target and concept come
     from the PNG's ``idforge:edit`` text, the original from the row's ``image`` and the optional
-    ``references`` from its list of the person's other photos, all cropped as the editor did
+    ``references`` from its list of the person's other photos (read when embedded), all cropped as the editor did
     (:func:`idforge.inference.edit.output.load_photo`). ``BATCH`` is JSONL or CSV
     (:func:`idforge.launch.edit_cmd.read_batch`)."""
     from idforge.inference.edit.output import load_photo
@@ -253,15 +266,15 @@ def load_edit_outputs(batch: Path, folder: Path) -> list[Edit]:
                     f"fix the path (relative paths are under {batch.parent}) or drop it from 'references'"
                 )
         photo = batch_path(row["image"], batch)
-        references = None
+        references = None  # one object shared by the chain's steps: embedded once
         for step, f in enumerate(files):
             img = Image.open(f)
             info = json.loads(img.text.get("idforge:edit", "{}")) if hasattr(img, "text") else {}
             x = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(
                 2, 0, 1
             )
-            if refs and references is None:  # one tensor shared by the chain's steps: embedded once
-                references = torch.cat([load_photo(p, x.shape[-1])[0] for p in refs])  # (K, 3, H, W)
+            if refs and references is None:
+                references = ReferencePhotos(tuple(refs), x.shape[-1])
             edits.append(
                 Edit(
                     chain=f"{i:04d}",

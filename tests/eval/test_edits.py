@@ -151,7 +151,7 @@ def test_load_edit_outputs_reads_the_references_column_of_jsonl_and_csv(tmp_path
     edits = load_edit_outputs(tmp_path / f"e.{fmt}", tmp_path / "out")
     assert [(e.chain, e.step) for e in edits] == [("0000", 0), ("0000", 1), ("0001", 0)]
     expect = torch.cat([load_photo(tmp_path / p, 32)[0] for p in ("refs/r1.png", "r2.png")])  # (2, 3, 32, 32)
-    torch.testing.assert_close(edits[0].references, expect)
+    torch.testing.assert_close(edits[0].references.load(), expect)
     assert edits[1].references is edits[0].references  # the chain's steps share one tensor
     assert edits[2].references is None
     torch.testing.assert_close(edits[2].original, load_photo(tmp_path / "other.png", 32)[0][0])
@@ -187,3 +187,31 @@ def test_undetected_edited_faces_are_counted_over_all_edits_and_over_the_success
     assert [r["face_found"] for r in records] == [False, False, True]
     assert (summary["undetected"], summary["undetected_successful"]) == (2, 1)
     assert summary["ip"] == pytest.approx(_cos((0.4, 0.4, 0.1), o), abs=1e-6)  # the one found face
+
+
+def test_reference_photos_read_from_disk_score_as_the_same_photos_in_memory(tmp_path):
+    from idforge.eval.edits import ReferencePhotos
+    from idforge.inference.edit.output import load_photo
+
+    for name, c in [("r1.png", (200, 120, 40)), ("r2.png", (30, 160, 220))]:
+        _png(tmp_path / name, c)
+    loads = []
+
+    class Counted(ReferencePhotos):
+        def load(self):
+            loads.append(self.paths)
+            return super().load()
+
+    lazy = Counted((tmp_path / "r1.png", tmp_path / "r2.png"), 32)
+    photos = torch.cat([load_photo(p, 32)[0] for p in lazy.paths])  # (2, 3, 32, 32)
+    o, e1, e2 = _flat(0.2, 0.6, 0.2), _flat(0.6, 0.2, 0.2), _flat(0.3, -0.4, 0.8)
+    scorers = Scorers(MeanColour(), "mean colour", NoFaceInBlack(), vlm=FixedVlm([0.1, 0.1]))
+    proto = Protocol("p", kind="edit", metrics=["ip"])
+    chain = [Edit("a", 0, o, e1, "t", references=lazy), Edit("a", 1, o, e2, "t", references=lazy)]
+    from_disk, _ = score_edits(chain, proto, scorers)
+    in_memory, _ = score_edits(
+        [Edit(e.chain, e.step, o, e.edited, "t", references=photos) for e in chain], proto, scorers
+    )
+    assert [r["ip"] for r in from_disk] == pytest.approx([r["ip"] for r in in_memory], abs=1e-6)
+    assert [r["ip_against"] for r in from_disk] == ["references", "references"]
+    assert len(loads) == 1  # the chain's two steps share one read
