@@ -17,7 +17,9 @@ The IP-Adapter file (``image_proj.{proj,norm}`` + ``ip_adapter.<2k+1>.to_{k,v}_i
 k-th cross-attention layer, the key rule of diffusers' ``_convert_ip_adapter_attn_to_diffusers``)
 loads into a stock SD1.5 pipeline with ``load_ip_adapter(out, subfolder="ip_adapter",
 weight_name="ip-adapter.safetensors", image_encoder_folder=None)``; the image embeddings are
-``concat(e_arc, e_i)`` passed as ``ip_adapter_image_embeds``. The learnt zero-init gate of
+``concat(e_arc, e_i)`` of one person passed as ``ip_adapter_image_embeds`` (see
+:func:`ip_adapter_image_embeds`: the stock pipeline repeats it over the batch, and with guidance it
+takes the null identity first); the stock loop then reproduces idforge's sampling. The learnt zero-init gate of
 :class:`~idforge.models.attention.IdentityAttnProcessor` is folded into ``to_v_ip`` (attention is
 linear in V), so the stock processor at scale 1 computes the same output.
 """
@@ -135,10 +137,28 @@ def ip_adapter_state_dict(pipe: IdentityPipeline) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
-def ip_adapter_image_embeds(arcface: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """The ``image_embeds`` a stock pipeline feeds the exported IP-Adapter: concat(e_arc, e_i), (B, 1, D)."""
+def ip_adapter_image_embeds(
+    arcface: torch.Tensor, clip: torch.Tensor, classifier_free_guidance: bool = False
+) -> torch.Tensor:
+    """The image embeddings of the exported IP-Adapter: concat(e_arc, e_i), (B, 1, D).
+
+    For a UNet call (``added_cond_kwargs={"image_embeds": [x]}``) row b conditions sample b. A stock
+    pipeline's ``ip_adapter_image_embeds=[x]`` is one identity for the whole call, which the pipeline
+    repeats over its prompts and images (a (B, 1, D) tensor there would give every sample the tokens of
+    all B people): pass one person, (1, D) inputs, and with ``guidance_scale > 1`` set
+    ``classifier_free_guidance`` so the zero (null) identity is stacked first, as the pipeline expects
+    (it splits the tensor into negative and positive halves). That is idforge's own guidance: the
+    empty prompt with the null identity against the prompt with the identity."""
     clip = clip.mean(1) if clip.dim() == 3 else clip  # patch tokens averaged, as the adapter does
-    return torch.cat([arcface, clip], dim=-1)[:, None]
+    embeds = torch.cat([arcface, clip], dim=-1)[:, None]
+    if not classifier_free_guidance:
+        return embeds
+    if embeds.shape[0] != 1:
+        raise ValueError(
+            f"ip_adapter_image_embeds: a stock pipeline takes one identity per call, got {embeds.shape[0]}; "
+            "call the pipeline once per person (num_images_per_prompt for several images)"
+        )
+    return torch.cat([torch.zeros_like(embeds), embeds])
 
 
 def model_card(info: dict) -> str:
@@ -148,7 +168,9 @@ def model_card(info: dict) -> str:
     ip = (
         "\nThe decoupled adapter is also in diffusers' IP-Adapter format (`ip_adapter/`): "
         '`pipe.load_ip_adapter(DIR, subfolder="ip_adapter", weight_name="ip-adapter.safetensors", '
-        "image_encoder_folder=None)`, image embeddings = concat(ArcFace, CLIP image embedding).\n"
+        "image_encoder_folder=None)`, image embeddings = concat(ArcFace, CLIP image embedding) of one "
+        "person, shape (1, 1, D), the zero embedding stacked first when guidance_scale > 1 "
+        "(`idforge.inference.export.ip_adapter_image_embeds`).\n"
         if info.get("ip_adapter")
         else ""
     )

@@ -170,6 +170,35 @@ def test_ip_adapter_file_loads_into_a_stock_pipeline_and_reproduces_the_identity
     assert (mine - theirs).abs().max() < 1e-5
 
 
+def test_stock_pipeline_with_the_ip_adapter_file_samples_what_idforge_samples(exported):
+    """One person per stock call (the pipeline repeats the embedding over its batch), the null identity
+    stacked first for guidance: the stock denoising loop equals IdentityPipeline's over 10 steps."""
+    from diffusers import StableDiffusionPipeline
+
+    model, folder = exported["decoupled"]
+    arc, clip = _identity(model)
+    ours = load_pipeline(folder)
+    stock = StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, feature_extractor=None, image_encoder=None
+    )
+    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    stock.load_ip_adapter(
+        folder, subfolder="ip_adapter", weight_name="ip-adapter.safetensors", image_encoder_folder=None
+    )
+    for p in (ours, stock):
+        p.set_progress_bar_config(disable=True)
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    kw = {"num_inference_steps": 10, "output_type": "latent", "height": 32, "width": 32}
+    kw["num_images_per_prompt"] = 2
+    for g in (1.0, 2.0):
+        mine = ours(["a face"], identity=IdentityEmbeds(arc[1:], clip[1:]), latents=z, guidance_scale=g, **kw)
+        embeds = ip_adapter_image_embeds(arc[1:], clip[1:], classifier_free_guidance=g > 1)
+        theirs = stock(["a face"], ip_adapter_image_embeds=[embeds], latents=z, guidance_scale=g, **kw)
+        assert (mine.images - theirs.images).abs().max() < 1e-3 * mine.images.abs().max()
+    with pytest.raises(ValueError, match="one identity per call"):
+        ip_adapter_image_embeds(arc, clip, classifier_free_guidance=True)
+
+
 def test_guidance_branches_run_in_one_unet_call_per_step(exported):
     model, folder = exported["final"]
     pipe = load_pipeline(folder)
