@@ -53,6 +53,11 @@ class DemoConfig:
     steps: int = 500
     batch_size: int = 32
     lr: float = 2e-3
+    lr_decay: str = "constant"
+    """``constant`` or ``cosine`` (to 0 at the last step) after ``warmup_steps``."""
+    warmup_steps: int = 0
+    ema_decay: float = 0.0
+    """EMA of the generator's weights, exported instead of the live ones (0: off)."""
     adapter: dict = field(
         default_factory=lambda: {"variant": "final", "input_layernorm": True, "normalize_by_length": True}
     )
@@ -66,6 +71,9 @@ class DemoConfig:
     )
     """ReferenceNet options (``generator.reference`` of the training configs); ``image_size`` is the
     demo's resolution."""
+    reference_photo: str = "same"
+    """Where the adapter's identity input comes from in training: ``same`` (the target photo itself) or
+    ``other`` (another photo of the person, so the caption must carry what differs between photos)."""
     prediction_type: str = "sample"
     identity_loss: float = 0.0
     """lambda_id of the time-weighted identity loss (0: off)."""
@@ -125,18 +133,15 @@ class _Clock:
 
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> dict:
     """Run every stage into ``out``; returns the figures written to ``out/demo.json``."""
-    import lightning as L
     from idforge.data_pipeline.align import template_for
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_pipeline
-    from idforge.models.generator import GeneratorConfig
-    from idforge.models.losses import IdentityLossConfig
     from idforge.models.zoo import TinyConfig, build_tiny
-    from idforge.train.module import IdentityDiffusionModule
 
-    from .demo_data import curate_demo_shards, heldout_groups, shard_loader
+    from .demo_data import curate_demo_shards, heldout_groups
     from .demo_models import demo_vae, train_face_encoders
+    from .demo_train import train_generator
 
     cfg = cfg or DemoConfig()
     out = Path(out)
@@ -223,41 +228,8 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
             f"latent scaling factor {vae_fig['scaling_factor']:.3f}",
         )
 
-    id_loss = IdentityLossConfig(lambda_id=cfg.identity_loss) if cfg.identity_loss > 0 else None
     uses_reference = cfg.generator != "adapter"
-    module = IdentityDiffusionModule(
-        GeneratorConfig(
-            zoo=zoo,
-            adapter=dict(cfg.adapter) if cfg.generator != "referencenet" else {},
-            train_unet=True,
-            conditioning=cfg.generator,
-            reference={**cfg.reference, "image_size": cfg.resolution} if uses_reference else None,
-        ),
-        identity_loss=id_loss,
-        optimizer=lambda p: torch.optim.Adam(p, lr=cfg.lr),
-        id_drop_prob=cfg.id_drop_prob,
-        text_drop_prob=cfg.text_drop_prob,
-    )
-    trainer = L.Trainer(
-        max_steps=cfg.steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=True,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        gradient_clip_val=1.0,
-        default_root_dir=str(out),
-    )
-    loader = shard_loader(
-        out / "shards",
-        cfg.resolution,
-        cfg.batch_size,
-        cfg.seed,
-        mode="group" if uses_reference else "single",
-        max_refs=cfg.max_refs,
-    )
-    trainer.fit(module, train_dataloaders=loader)
+    module, trainer = train_generator(cfg, zoo, out / "shards", out)
     clock.done(
         "train generator",
         f"{cfg.steps} steps, batch {cfg.batch_size}, "

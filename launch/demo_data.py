@@ -37,13 +37,26 @@ def curate_demo_shards(
 
 
 def shard_loader(
-    shards_dir: Path, resolution: int, batch_size: int, seed: int, mode: str = "single", max_refs: int = 4
+    shards_dir: Path,
+    resolution: int,
+    batch_size: int,
+    seed: int,
+    mode: str = "single",
+    max_refs: int = 4,
+    reference: str = "same",
 ) -> DataLoader:
-    """The train split: single photos (adapter) or groups of 1..``max_refs`` references + a target
-    (ReferenceNet, ``mode="group"``)."""
+    """The train split: single photos (adapter; the identity input from the photo itself or, with
+    ``reference="other"``, from another photo of the person) or groups of 1..``max_refs`` references +
+    a target (ReferenceNet, ``mode="group"``)."""
     urls = sorted(str(p) for p in Path(shards_dir).glob("train-*.tar"))
     ds = make_identity_dataset(
-        urls, mode=mode, resolution=resolution, shuffle_buffer=512, seed=seed, max_refs=max_refs
+        urls,
+        mode=mode,
+        resolution=resolution,
+        shuffle_buffer=512,
+        seed=seed,
+        max_refs=max_refs,
+        reference=reference,
     )
     return DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_identity_samples)
 

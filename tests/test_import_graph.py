@@ -151,7 +151,7 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_no_library_module_or_real_command_reaches_the_demo():
     """The demo is one client of the library; ``idforge eval`` and the rest never run its code."""
     graph = import_graph(_modules())
-    demo = {"idforge.launch.demo", "idforge.launch.demo_data"}
+    demo = {"idforge.launch.demo", "idforge.launch.demo_data", "idforge.launch.demo_train"}
     for mod in sorted(set(graph) - demo - {"idforge.launch.cli", "idforge.launch.demo_cmd"}):
         assert not _reachable(graph, mod) & demo, f"{mod} imports the demo's {_reachable(graph, mod) & demo}"
 

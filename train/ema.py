@@ -109,6 +109,17 @@ class EMA(L.Callback):
                 live[k].data.copy_(b)
             self._backup = None
 
+    @torch.no_grad()
+    def apply_to(self, pl_module: L.LightningModule) -> None:
+        """Copy the averaged weights into the module for good (e.g. before exporting it in-process)."""
+        if self.shadow is None:
+            raise RuntimeError("EMA.apply_to: no average yet (the callback has not seen a training step)")
+        if self._backup is not None:
+            self._swap(pl_module)  # the live weights back first, so the average is not lost on swap-out
+        live = trainable_tensors(pl_module)
+        for k, e in self.shadow.items():
+            live[k].data.copy_(e.to(live[k].device, live[k].dtype))
+
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.validate_with_ema and self.shadow is not None and self._backup is None:
             self._swap(pl_module)

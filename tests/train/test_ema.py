@@ -103,3 +103,15 @@ def test_ema_keys_are_the_generator_trainable_state_dict(tiny_zoo):
 def test_bad_decay_is_rejected():
     with pytest.raises(ValueError, match="EMA.decay"):
         EMA(decay=1.0)
+
+
+def test_apply_to_puts_the_average_in_the_module_for_good(tmp_path):
+    ema = EMA(decay=0.5, device="cpu")
+    _, model = _fit(tmp_path, [ema], steps=4)
+    live = model.lin.weight.detach().clone()
+    assert not torch.allclose(live, ema.shadow["lin.weight"])  # 4 SGD steps: the average lags
+    ema.apply_to(model)
+    torch.testing.assert_close(model.lin.weight, ema.shadow["lin.weight"])
+    torch.testing.assert_close(model.lin.bias, ema.shadow["lin.bias"])
+    with pytest.raises(RuntimeError, match="no average yet"):
+        EMA().apply_to(Toy())
