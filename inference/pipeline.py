@@ -52,6 +52,9 @@ from idforge.models.face_mask import box_mask, face_mask_input
 from idforge.models.guidance import LAMBDA_REF
 from idforge.models.referencenet import ReferenceNet
 
+# model_index.json names these component classes: importing the pipeline alone must make them loadable
+from . import components  # noqa: F401
+
 REFERENCE_DIR = "reference_net"
 REFERENCE_INPUT = "reference_input.json"
 LAMBDA_FEAT = 0.85

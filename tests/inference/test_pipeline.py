@@ -113,6 +113,25 @@ def test_plain_diffusers_loads_unet_and_vae_equal_to_the_trained_weights(exporte
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))
 
 
+def test_identity_pipeline_from_pretrained_loads_an_export_in_a_fresh_interpreter(exported):
+    """Users write ``IdentityPipeline.from_pretrained(DIR)`` after importing only the pipeline module:
+    the adapter, image- and face-encoder components that model_index.json names must load too."""
+    import subprocess
+    import sys
+
+    _, folder = exported["final"]
+    code = (
+        "import sys; from idforge.inference.pipeline import IdentityPipeline; "
+        "p = IdentityPipeline.from_pretrained(sys.argv[1]); "
+        "print(type(p.adapter).__name__, type(p.face_encoder).__name__, type(p.image_encoder).__name__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["IdentityAdapterModel", "FaceEncoderModel", "ImageEncoderModel"]
+
+
 def test_crop_scale_and_inference_scheduler_survive_export(exported):
     _, folder = exported["final"]
     pipe = load_pipeline(folder)
