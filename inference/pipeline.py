@@ -198,10 +198,16 @@ class IdentityPipeline(StableDiffusionPipeline):
         if not len(procs):
             return
         layers = {}
+        current = self.unet.attn_processors
         for name, _, cross in iter_attention_layers(self.unet):
             if cross is not None and processor_key(name) not in procs:
                 raise ValueError(f"adapter has no identity processor for the UNet layer {name}")
-            layers[name] = procs[processor_key(name)] if cross is not None else PassThroughAttnProcessor()
+            if cross is not None:
+                layers[name] = procs[processor_key(name)]
+            elif type(current[name]) in (AttnProcessor2_0, PassThroughAttnProcessor):
+                layers[name] = PassThroughAttnProcessor()
+            else:  # a ReferenceNet's reference processor on this self-attention layer stays
+                layers[name] = current[name]
         if sum(1 for n in layers if processor_key(n) in procs) != len(procs):
             raise ValueError("adapter's identity processors do not match this UNet's cross-attention layers")
         self.unet.set_attn_processor(layers)

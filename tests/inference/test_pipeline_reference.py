@@ -10,7 +10,7 @@ from idforge.models.generator import GeneratorConfig, IdentityGenerator
 from idforge.models.zoo import ZooSpec
 
 
-def _model(tiny_zoo, conditioning="referencenet"):
+def _model(tiny_zoo, conditioning="referencenet", variant="final"):
     spec = ZooSpec(
         base=str(tiny_zoo),
         image_encoder=f"local-dir:{tiny_zoo / 'clip_image_encoder'}",
@@ -19,7 +19,7 @@ def _model(tiny_zoo, conditioning="referencenet"):
     torch.manual_seed(0)
     cfg = GeneratorConfig(
         zoo=spec,
-        adapter={} if conditioning == "referencenet" else {"variant": "final"},
+        adapter={} if conditioning == "referencenet" else {"variant": variant},
         conditioning=conditioning,
         reference={"face_mask": "mask", "image_size": 16},
     )
@@ -107,3 +107,31 @@ def test_export_round_trip_keeps_the_referencenet(tiny_zoo, tmp_path):
     loaded = load_pipeline(tmp_path / "out")
     assert loaded.reference_net is not None and loaded.face_mask == "mask" and loaded.adapter is None
     torch.testing.assert_close(_run(loaded), before, rtol=1e-4, atol=1e-5)
+
+
+def test_decoupled_adapter_and_referencenet_keep_both_processor_kinds_through_export(tiny_zoo, tmp_path):
+    """Identity processors (cross-attention) and reference processors (self-attention) share the UNet:
+    installing one kind must not replace the other, live or after an export round trip."""
+    from idforge.models.attention import IdentityAttnProcessor
+    from idforge.models.reference_attention import ReferenceAttnProcessor
+
+    model = _model(tiny_zoo, "both", variant="decoupled")
+    pipe = pipeline_from_generator(model, resolution=32)
+    pipe.set_progress_bar_config(disable=True)
+    arc = torch.nn.functional.normalize(
+        torch.randn(1, 512, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    clip = torch.randn(1, model.image_encoder.output_dim, generator=torch.Generator().manual_seed(2))
+    from idforge.inference.pipeline import IdentityEmbeds
+
+    ident = IdentityEmbeds(arc, clip)
+    before = _run(pipe, identity=ident)
+    export_generator(model, tmp_path / "out", resolution=32)
+    loaded = load_pipeline(tmp_path / "out")
+    from idforge.models.reference_attention import reference_layers
+
+    kinds = [type(p) for p in loaded.unet.attn_processors.values()]
+    assert kinds.count(ReferenceAttnProcessor) == len(list(reference_layers(loaded.unet, "decoder"))) > 0
+    assert kinds.count(IdentityAttnProcessor) == sum(1 for n in loaded.unet.attn_processors if "attn2" in n)
+    torch.testing.assert_close(_run(loaded, identity=ident), before, rtol=1e-3, atol=1e-4)  # guidance 7.5
+    assert not torch.allclose(_run(loaded, identity=ident.zeros_like()), before, atol=1e-3)
