@@ -9,6 +9,7 @@ from typing import Literal
 def demo(
     out: Path = Path("demo_out"),
     quick: bool = False,
+    long: bool = False,
     steps: int | None = None,
     seed: int | None = None,
     identity_loss: float | None = None,
@@ -21,6 +22,8 @@ def demo(
     Args:
         out: output folder (figures, image grid, shards, exported model).
         quick: the same stages at toy sizes (well under a minute).
+        long: train the generator 3000 steps (EMA 0.995) instead of 500: the identity figures the
+            default budget cannot reach (about 45 minutes on 2 CPU cores; BENCHMARKS.md).
         steps: generator training steps (default 500; quick: 4).
         seed: seed of every stage (default 0).
         identity_loss: lambda_id of the time-weighted identity loss (default: off).
@@ -34,6 +37,10 @@ def demo(
     from .demo import DemoConfig, format_table, run_demo
 
     cfg = DemoConfig.quick() if quick else DemoConfig()
+    if quick and long:
+        raise ValueError("--quick and --long: choose one")
+    if long:
+        cfg.steps, cfg.ema_decay = 3000, 0.995
     if seed is not None:
         cfg.seed = seed
     if steps is not None:
