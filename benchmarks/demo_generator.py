@@ -38,6 +38,28 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def _corners(x: torch.Tensor, k: int = 2) -> torch.Tensor:
+    """(N, 3) mean colour of the four k x k corners: the background in SynthID's aligned crops."""
+    c = torch.cat([x[..., :k, :k], x[..., :k, -k:], x[..., -k:, :k], x[..., -k:, -k:]], dim=-1)
+    return c.flatten(2).mean(-1)
+
+
+def background_errors(images: dict, groups) -> dict:
+    """Does the generator follow the caption? SynthID's captions name each photo's background; the
+    mean L1 (in [-1, 1] units) of the generated corners' colour to the captioned photo's, to the
+    reference photo's (copied from the identity input), and to another person's captioned photo."""
+    captioned = _corners(torch.stack([g.images[1] for g in groups]))
+    out = {}
+    for name in ("adapter", "text_only"):
+        gen = _corners(images[name])
+        out[name] = {
+            "to_caption": float((gen - captioned).abs().mean()),
+            "to_reference": float((gen - _corners(images["reference"])).abs().mean()),
+            "to_other_caption": float((gen - captioned.roll(1, 0)).abs().mean()),
+        }
+    return out
+
+
 def _grid(images: dict, groups, path: Path, n: int = 8) -> None:
     """Rows: identities; columns: reference | the captioned photo | adapter | text-only (4x nearest)."""
     from torchvision.utils import save_image
@@ -139,6 +161,7 @@ def main() -> None:
             for enc, f in (("encoder", fig), ("judge", fig["judges"]["judge"]))
         }
         figures[name]["identities"] = len(groups)
+        figures[name]["background"] = background_errors(images, groups)
     result = {
         "overrides": parse_set(args.set),
         "steps": cfg.steps,

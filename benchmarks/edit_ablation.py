@@ -1,6 +1,6 @@
 """Edit ablation on SynthID (FlowID paper 000 / FINEdits paper 002): mask and fine-tuning vs identity.
 
-A hair-colour edit of K held-out SynthID photos with an exported identity model, four variants:
+A hair-colour (or, ``--attribute background``, background-colour) edit of K held-out SynthID photos with an exported identity model, four variants:
 
     full        attention mask + single-image fine-tuning (Algorithm 1)
     no_mask     fine-tuning, no mask (the whole latent follows the target prompt)
@@ -56,13 +56,40 @@ def hair_edit(caption: str) -> tuple[str, str, str, str] | None:
     return target, m.group(0), src, tgt
 
 
-def hair_change(original: torch.Tensor, edited: torch.Tensor, src: str, tgt: str, tol: float):
-    """(changed?, hair pixels) from the mean colour of the original's hair pixels (images in [-1, 1])."""
-    from idforge.data_pipeline.synthid import HAIR
+BACKGROUND_RE = re.compile(r"\bon a (\w+) (plain|gradient|striped) background\b")
 
+
+def background_edit(caption: str) -> tuple[str, str, str, str] | None:
+    """As :func:`hair_edit` for the photo's background colour, which SynthID draws per photo (the
+    identity input does not carry it, the caption does); None for noisy backgrounds (no colour)."""
+    from idforge.data_pipeline.synthid import BACKGROUND
+
+    m = BACKGROUND_RE.search(caption)
+    if m is None or m.group(1) not in BACKGROUND:
+        return None
+    src = m.group(1)
+    rgb = torch.tensor(BACKGROUND[src], dtype=torch.float32)
+    tgt = max(
+        BACKGROUND, key=lambda c: float((torch.tensor(BACKGROUND[c], dtype=torch.float32) - rgb).norm())
+    )
+    target = caption[: m.start()] + f"on a {tgt} {m.group(2)} background" + caption[m.end() :]
+    return target, f"{src} {m.group(2)} background", src, tgt
+
+
+ATTRIBUTES = {"hair": hair_edit, "background": background_edit}
+
+
+def hair_change(
+    original: torch.Tensor, edited: torch.Tensor, src: str, tgt: str, tol: float, attribute: str = "hair"
+):
+    """(changed?, attribute pixels) from the mean colour of the original's pixels of the source
+    colour (hair or background; images in [-1, 1])."""
+    from idforge.data_pipeline.synthid import BACKGROUND, HAIR
+
+    palette = HAIR if attribute == "hair" else BACKGROUND
     o, e = ((t.clamp(-1, 1) + 1) * 127.5 for t in (original, edited))  # (3, H, W) in 0..255
-    s_rgb = torch.tensor(HAIR[src], dtype=torch.float32).view(3, 1, 1)
-    t_rgb = torch.tensor(HAIR[tgt], dtype=torch.float32).view(3, 1, 1)
+    s_rgb = torch.tensor(palette[src], dtype=torch.float32).view(3, 1, 1)
+    t_rgb = torch.tensor(palette[tgt], dtype=torch.float32).view(3, 1, 1)
     hair = (o - s_rgb).norm(dim=0) < tol  # (H, W)
     if int(hair.sum()) < 3:
         return None, int(hair.sum())
@@ -83,7 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-accum", type=int, default=10)
     ap.add_argument("--preset", default="hair_color")
     ap.add_argument("--mask-at", type=float, default=0.5)
-    ap.add_argument("--hair-tol", type=float, default=40.0, help="RGB distance to the hair colour")
+    ap.add_argument("--hair-tol", type=float, default=40.0, help="RGB distance to the source colour")
+    ap.add_argument("--attribute", choices=sorted(ATTRIBUTES), default="hair", help="what the edit recolours")
     ap.add_argument("--json", type=Path, default=Path("edit_ablation.json"))
     args = ap.parse_args(argv)
     from idforge.eval.groups import load_groups
@@ -98,7 +126,7 @@ def main(argv=None) -> int:
     bb = load_backbone(model)
     judge = load_judge(args.judge)[0] if args.judge else bb.pipe.face_encoder
     groups = load_groups([str(p) for p in shards], bb.resolution)
-    jobs = [(g, e) for g in groups if (e := hair_edit(g.captions[0])) is not None][: args.k]
+    jobs = [(g, e) for g in groups if (e := ATTRIBUTES[args.attribute](g.captions[0])) is not None][: args.k]
     preset = PRESETS[args.preset]
     base = copy.deepcopy(bb.denoiser.state_dict())
     ft = FinetuneConfig(steps=args.finetune_steps, lr=args.lr, grad_accum=args.grad_accum)
@@ -118,7 +146,7 @@ def main(argv=None) -> int:
                               steps=args.steps, kernel=preset.kernel, mask_at=args.mask_at)  # fmt: skip
                 emb = embed_faces(judge, torch.cat([x, res.image]), torch.cat([lms, lms]))
                 gallery = embed_faces(judge, g.images[1:], g.landmarks[1:]).mean(0, keepdim=True)
-                changed, n_hair = hair_change(x[0], res.image[0], src, tgt, args.hair_tol)
+                changed, n_hair = hair_change(x[0], res.image[0], src, tgt, args.hair_tol, args.attribute)
                 rec[name] = {
                     "fs": float(cosine(emb[1:], emb[:1])),
                     "fs_gallery": float(cosine(emb[1:], gallery)),
@@ -144,11 +172,11 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     out = {"command": "python " + " ".join(sys.argv), "model": str(model), "k": len(records),
            "steps": args.steps, "finetune_steps": args.finetune_steps, "lr": args.lr,
-           "grad_accum": args.grad_accum, "preset": args.preset, "seconds": round(seconds, 1),
+           "grad_accum": args.grad_accum, "preset": args.preset, "attribute": args.attribute, "seconds": round(seconds, 1),
            "summary": summary, "edits": records}  # fmt: skip
     args.json.write_text(json.dumps(out, indent=2))
     print(f"command: {out['command']}")
-    print(f"{len(records)} held-out SynthID photos, hair-colour edit ({args.preset}: strength {preset.strength}, "
+    print(f"{len(records)} held-out SynthID photos, {args.attribute}-colour edit ({args.preset}: strength {preset.strength}, "
           f"kernel {preset.kernel}), {args.steps}-step schedule, fine-tune {args.finetune_steps} x "
           f"{args.grad_accum} at lr {args.lr}; {seconds:.0f} s")  # fmt: skip
     print(
