@@ -94,9 +94,9 @@ def main() -> None:
     from idforge.inference.export import export_generator, load_pipeline
     from idforge.launch.demo import DemoConfig
     from idforge.launch.demo_data import heldout_groups
-    from idforge.launch.demo_train import train_generator
+    from idforge.launch.demo_train import train_generator, zoo_config
     from idforge.models.face.face_encoder import FaceEncoder
-    from idforge.models.zoo import TinyConfig, build_tiny
+    from idforge.models.zoo import build_tiny
 
     demo, out = Path(args.demo), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,17 +107,7 @@ def main() -> None:
 
     zoo = build_tiny(
         out / "zoo",
-        TinyConfig(
-            resolution=cfg.resolution,
-            codec=cfg.codec,
-            vae_channels=tuple(cfg.vae_channels),
-            vae_attention=False,
-            vae_norm_groups=cfg.vae_norm_groups,
-            seed=cfg.seed,
-            beta_schedule="squaredcos_cap_v2",
-            prediction_type=cfg.prediction_type,
-            **cfg.tiny,
-        ),
+        zoo_config(cfg),
     )
     for part in ("face_encoder", "vae"):  # the demo's trained encoder (and VAE), not random ones
         if (demo / "zoo" / part).exists():

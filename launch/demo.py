@@ -142,11 +142,11 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_pipeline
-    from idforge.models.zoo import TinyConfig, build_tiny
+    from idforge.models.zoo import build_tiny
 
     from .demo_data import curate_demo_shards, heldout_groups
     from .demo_models import demo_vae, train_face_encoders
-    from .demo_train import train_generator
+    from .demo_train import train_generator, zoo_config
 
     cfg = cfg or DemoConfig()
     out = Path(out)
@@ -191,17 +191,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
 
     zoo = build_tiny(
         out / "zoo",
-        TinyConfig(
-            resolution=cfg.resolution,
-            codec=cfg.codec,
-            vae_channels=tuple(cfg.vae_channels),
-            vae_attention=False,
-            vae_norm_groups=cfg.vae_norm_groups,
-            seed=cfg.seed,
-            beta_schedule="squaredcos_cap_v2",
-            prediction_type=cfg.prediction_type,
-            **cfg.tiny,
-        ),
+        zoo_config(cfg),
     )
     faces["encoder"].save_pretrained(out / "zoo" / "face_encoder")
     faces["judge"].save_pretrained(out / "judge")

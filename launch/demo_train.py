@@ -8,6 +8,23 @@ from pathlib import Path
 import torch
 
 
+def zoo_config(cfg):
+    """The tiny zoo's sizes for the demo's generator (``DemoConfig`` fields)."""
+    from idforge.models.zoo import TinyConfig
+
+    return TinyConfig(
+        resolution=cfg.resolution,
+        codec=cfg.codec,
+        vae_channels=tuple(cfg.vae_channels),
+        vae_attention=False,
+        vae_norm_groups=cfg.vae_norm_groups,
+        seed=cfg.seed,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=cfg.prediction_type,
+        **cfg.tiny,
+    )
+
+
 def train_generator(cfg, zoo, shards_dir: Path, out: Path, progress_bar: bool = True):
     """Build the demo's generator module from ``zoo`` and train it on ``shards_dir``'s train split;
     returns (module, trainer). With ``cfg.ema_decay`` the module holds the averaged weights after."""
@@ -64,4 +81,4 @@ def train_generator(cfg, zoo, shards_dir: Path, out: Path, progress_bar: bool = 
     return module, trainer
 
 
-__all__ = ["train_generator"]
+__all__ = ["train_generator", "zoo_config"]

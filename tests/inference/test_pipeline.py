@@ -141,18 +141,24 @@ def test_crop_scale_and_inference_scheduler_survive_export(exported):
     assert "crop_scale 0.8" in (folder / "README.md").read_text()
 
 
-def test_ip_adapter_file_loads_into_a_stock_pipeline_and_reproduces_the_identity_path(exported):
+def _stock_beside_ours(folder):
+    """(IdentityPipeline, stock StableDiffusionPipeline) of one export, on the export's timesteps
+    (StableDiffusionPipeline rewrites steps_offset to 1, SD1.5's value)."""
     from diffusers import StableDiffusionPipeline
 
-    model, folder = exported["decoupled"]
-    arc, clip = _identity(model)
     ours = load_pipeline(folder)
     stock = StableDiffusionPipeline.from_pretrained(
         folder, safety_checker=None, feature_extractor=None, image_encoder=None
     )
-    # StableDiffusionPipeline rewrites steps_offset to 1 (SD1.5's value); use the export's timesteps
     stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
     stock.set_progress_bar_config(disable=True)
+    return ours, stock
+
+
+def test_ip_adapter_file_loads_into_a_stock_pipeline_and_reproduces_the_identity_path(exported):
+    model, folder = exported["decoupled"]
+    arc, clip = _identity(model)
+    ours, stock = _stock_beside_ours(folder)
 
     def run(**kw):
         return stock(
@@ -192,15 +198,9 @@ def test_ip_adapter_file_loads_into_a_stock_pipeline_and_reproduces_the_identity
 def test_stock_pipeline_with_the_ip_adapter_file_samples_what_idforge_samples(exported):
     """One person per stock call (the pipeline repeats the embedding over its batch), the null identity
     stacked first for guidance: the stock denoising loop equals IdentityPipeline's over 10 steps."""
-    from diffusers import StableDiffusionPipeline
-
     model, folder = exported["decoupled"]
     arc, clip = _identity(model)
-    ours = load_pipeline(folder)
-    stock = StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, feature_extractor=None, image_encoder=None
-    )
-    stock.scheduler = type(ours.scheduler).from_config(ours.scheduler.config)
+    ours, stock = _stock_beside_ours(folder)
     stock.load_ip_adapter(
         folder, subfolder="ip_adapter", weight_name="ip-adapter.safetensors", image_encoder_folder=None
     )
