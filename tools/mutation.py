@@ -60,7 +60,7 @@ MODULES: dict[str, list[str]] = {
     "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
     "inference/pipeline.py": ["tests/inference/test_pipeline.py"],
     "inference/export.py": ["tests/inference/test_export.py"],
-    "eval/identity.py": ["tests/eval/test_runner.py"],
+    "eval/identity.py": ["tests/eval/test_runner.py", "tests/eval/test_identity_mutants.py"],
     "eval/identification.py": [
         "tests/eval/test_metrics.py::test_fs_ip_and_undetected_on_hand_made_embeddings",
         "tests/eval/test_metrics.py::test_identification_top1_top5_and_chance",
@@ -76,7 +76,11 @@ MODULES: dict[str, list[str]] = {
         "tests/eval/test_metrics.py::test_fiq_arithmetic",
         "tests/eval/test_fid_mutants.py",
     ],
-    "data_pipeline/job.py": ["tests/data_pipeline/test_resume.py", "tests/data_pipeline/test_curate.py"],
+    "data_pipeline/job.py": [
+        "tests/data_pipeline/test_resume.py",
+        "tests/data_pipeline/test_curate.py",
+        "tests/data_pipeline/test_job_mutants.py",
+    ],
     "data_pipeline/finalize.py": ["tests/data_pipeline/test_finalize.py"],
 }
 
