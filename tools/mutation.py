@@ -59,7 +59,7 @@ MODULES: dict[str, list[str]] = {
     "models/losses.py": ["tests/models/test_losses.py", "tests/models/test_losses_mutants.py"],
     "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
     "inference/pipeline.py": ["tests/inference/test_pipeline.py"],
-    "inference/export.py": ["tests/inference/test_export.py"],
+    "inference/export.py": ["tests/inference/test_export.py", "tests/inference/test_export_mutants.py"],
     "eval/identity.py": ["tests/eval/test_runner.py", "tests/eval/test_identity_mutants.py"],
     "eval/identification.py": [
         "tests/eval/test_metrics.py::test_fs_ip_and_undetected_on_hand_made_embeddings",
@@ -81,7 +81,10 @@ MODULES: dict[str, list[str]] = {
         "tests/data_pipeline/test_curate.py",
         "tests/data_pipeline/test_job_mutants.py",
     ],
-    "data_pipeline/finalize.py": ["tests/data_pipeline/test_finalize.py"],
+    "data_pipeline/finalize.py": [
+        "tests/data_pipeline/test_finalize.py",
+        "tests/data_pipeline/test_finalize_mutants.py",
+    ],
 }
 
 STATUS = {
