@@ -58,7 +58,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "models/losses.py": ["tests/models/test_losses.py", "tests/models/test_losses_mutants.py"],
     "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
-    "inference/pipeline.py": ["tests/inference/test_pipeline.py"],
+    "inference/pipeline.py": ["tests/inference/test_pipeline.py", "tests/inference/test_pipeline_mutants.py"],
     "inference/export.py": ["tests/inference/test_export.py", "tests/inference/test_export_mutants.py"],
     "eval/identity.py": ["tests/eval/test_runner.py", "tests/eval/test_identity_mutants.py"],
     "eval/identification.py": [

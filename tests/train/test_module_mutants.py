@@ -214,3 +214,16 @@ def test_a_resumed_rank_restores_its_own_rng_entry(fresh):
     fresh._trainer = SimpleNamespace(global_rank=2)  # more ranks than the checkpoint had
     fresh._load_rng_state({"noise_rng": states})
     assert fresh._restored_rng_state is None
+
+
+def test_a_datamodule_of_another_mode_is_refused_with_the_supported_ones(fresh):
+    for ok in ("single", None):
+        fresh._trainer = SimpleNamespace(datamodule=SimpleNamespace(mode=ok))
+        fresh.setup("fit")
+    fresh._trainer = SimpleNamespace(datamodule=SimpleNamespace(mode="group"))
+    with pytest.raises(ValueError) as e:
+        fresh.setup("fit")
+    assert str(e.value) == (
+        "data.mode: 'group' is not consumed by IdentityDiffusionModule (supports ('single',)); "
+        "use data.mode: single until a ReferenceNet model consumes groups"
+    )
