@@ -57,7 +57,11 @@ MODULES: dict[str, list[str]] = {
         "tests/models/test_reference_attention_mutants.py",
     ],
     "models/losses.py": ["tests/models/test_losses.py", "tests/models/test_losses_mutants.py"],
-    "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
+    "train/module.py": [
+        "tests/train/test_module.py",
+        "tests/train/test_module_faults.py",
+        "tests/train/test_module_mutants.py",
+    ],
     "inference/pipeline.py": ["tests/inference/test_pipeline.py", "tests/inference/test_pipeline_mutants.py"],
     "inference/export.py": ["tests/inference/test_export.py", "tests/inference/test_export_mutants.py"],
     "eval/identity.py": ["tests/eval/test_runner.py", "tests/eval/test_identity_mutants.py"],
