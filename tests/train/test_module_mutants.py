@@ -227,3 +227,42 @@ def test_a_datamodule_of_another_mode_is_refused_with_the_supported_ones(fresh):
         "data.mode: 'group' is not consumed by IdentityDiffusionModule (supports ('single',)); "
         "use data.mode: single until a ReferenceNet model consumes groups"
     )
+
+
+def test_group_batches_feed_the_referencenet_their_references_and_valid_slots(fresh, monkeypatch):
+    model = fresh.model
+    seen = {}
+
+    class Features:
+        def drop(self, dropped):
+            seen["dropped_features"] = dropped
+            return "dropped features"
+
+    def encode_references(refs, valid, generator=None):
+        seen.update(refs=refs, valid=valid, generator=generator)
+        return Features()
+
+    def unet_input(noisy, box, size, latents, dropped):
+        seen.update(noisy=noisy, box=box, size=size, latents=latents, dropped=dropped)
+        return "unet input"
+
+    monkeypatch.setattr(model, "encode_references", encode_references)
+    monkeypatch.setattr(model, "unet_input", unet_input)
+    batch = _batches(1, b=3)[0]
+    batch |= {"refs": torch.randn(3, 2, 3, 32, 32), "ref_mask": torch.tensor([[1, 0], [1, 1], [1, 0]]).bool()}
+    noisy, latents, g = torch.randn(3, 4, 16, 16), torch.randn(3, 4, 16, 16), torch.Generator()
+    out = fresh._reference_inputs(batch, noisy, latents, None, g)
+    assert out[0] == "unet input" and isinstance(out[1], Features) and "dropped_features" not in seen
+    assert seen["refs"] is batch["refs"] and torch.equal(seen["valid"], batch["ref_mask"])
+    assert seen["generator"] is g and seen["noisy"] is noisy and seen["latents"] is latents
+    assert seen["box"] is batch["box"] and seen["size"] == (32, 32) and seen["dropped"] is None
+    kept = torch.tensor([True, False, True])
+    assert fresh._reference_inputs(batch, noisy, latents, kept, g) == ("unet input", "dropped features")
+    assert seen["dropped_features"].tolist() == [False, True, False]
+    assert seen["dropped"].tolist() == [False, True, False]
+
+
+def test_checkpoints_are_loaded_non_strictly(fresh):
+    # checkpoints hold only the trainable tensors; DeepSpeed's engine (exclude_frozen_parameters) gets
+    # this flag as load_module_strict, so it must be off; on_load_checkpoint does the checking instead
+    assert fresh.strict_loading is False
