@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -23,6 +24,11 @@ from idforge.data_pipeline.job import CurateConfig
 from PIL import Image
 
 LOOSE = FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None)
+
+
+def _exactly(message: str) -> str:
+    """A pytest.raises pattern that matches ``message`` and nothing more."""
+    return f"^{re.escape(message)}$"
 
 
 def _cfg(src, out, **extra) -> CurateConfig:
@@ -101,7 +107,8 @@ def test_why_nothing_accepted_names_the_top_reason_and_what_to_change():
 def test_finalize_without_units_or_with_pending_units_is_an_error(synthid_folder, tmp_path):
     out = tmp_path / "o"
     with pytest.raises(
-        FileNotFoundError, match=f"{out / '_units'}: no curation units here; run the unit stage first"
+        FileNotFoundError,
+        match=_exactly(f"{out / '_units'}: no curation units here; run the unit stage first"),
     ):
         finalize_curation(_cfg(synthid_folder, out))
     assert run_curation(_cfg(synthid_folder, out, rank=0, world_size=2)) is None  # units 0, 2, 4 of 5
@@ -351,7 +358,11 @@ def test_no_clustering_groups_by_name_per_split(tmp_path, monkeypatch):
     assert keep_names == ["ann", "bob", "ann", None]
     cfg.cluster = "unlabelled"
     with pytest.raises(
-        RuntimeError, match="clustering needs embeddings, but units in .* were written without"
+        RuntimeError,
+        match=_exactly(
+            f"clustering needs embeddings, but units in {tmp_path / '_units'} were written without an "
+            "embedder: delete them and re-run with embedder set"
+        ),
     ):
         _run_identities(
             cfg, split_a, split_names, [0, 1, 0, -1], ["ann", "bob"], None, tmp_path, monkeypatch, None

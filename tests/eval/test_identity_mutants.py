@@ -3,6 +3,8 @@ generated images, the largest face, undetected rows, the judge loader."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,11 @@ from idforge.eval.identity import cosine, embed_faces, embed_generated, load_jud
 from idforge.models.face.align_torch import warp_to_template
 
 LMS = torch.tensor([[10.0, 12], [22, 12], [16, 17], [11, 23], [21, 23]])
+
+
+def _exactly(message: str) -> str:
+    """A pytest.raises pattern that matches ``message`` and nothing more."""
+    return f"^{re.escape(message)}$"
 
 
 class Recorder(torch.nn.Module):
@@ -89,7 +96,7 @@ def test_cosine_is_row_wise_and_scale_free():
 
 
 def test_embed_generated_needs_a_detector_or_template_landmarks():
-    with pytest.raises(ValueError, match="embed_generated needs a detector or template landmarks"):
+    with pytest.raises(ValueError, match=_exactly("embed_generated needs a detector or template landmarks")):
         embed_generated(Recorder(), _images(2))
 
 

@@ -4,6 +4,7 @@ its key rule, the loaders' errors, and the training-side view of a loaded pipeli
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,6 +21,11 @@ from idforge.inference.export import (
 
 from idforge import __version__
 from tests.builders import perturbed_generator
+
+
+def _exactly(message: str) -> str:
+    """A pytest.raises pattern that matches ``message`` and nothing more."""
+    return f"^{re.escape(message)}$"
 
 
 @pytest.fixture(scope="module")
@@ -125,18 +131,22 @@ def live_pipeline_processors(model):
 
 def test_ip_adapter_state_dict_refuses_adapters_without_an_ip_adapter_form(models, tiny_zoo, tmp_path):
     with pytest.raises(
-        ValueError, match="only the decoupled variant has an IP-Adapter form, this adapter is 'final'"
+        ValueError,
+        match=_exactly("only the decoupled variant has an IP-Adapter form, this adapter is 'final'"),
     ):
         ip_adapter_state_dict(pipeline_from_generator(models["final"], 32))
     for opts, msg in (
-        ({"input_layernorm": True}, "an adapter with input_layernorm has no IP-Adapter form"),
+        (
+            {"input_layernorm": True},
+            "an adapter with input_layernorm has no IP-Adapter form (ImageProjection has no input norm)",
+        ),
         (
             {"num_decoupled_tokens": 2},
             "diffusers' IP-Adapter loader assumes 4 image tokens; this adapter has 2",
         ),
     ):
         model = perturbed_generator(tiny_zoo, {"variant": "decoupled", **opts})
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ValueError, match=_exactly(msg)):
             ip_adapter_state_dict(pipeline_from_generator(model, 32))
         out = export_generator(model, tmp_path / str(len(opts)) / next(iter(opts)), resolution=32)
         assert not (out / "ip_adapter").exists()
@@ -155,7 +165,7 @@ def test_ip_adapter_image_embeds_concatenate_arcface_and_the_mean_clip_token():
 
 def test_load_pipeline_explains_what_is_wrong_with_a_folder(folders, tmp_path):
     with pytest.raises(
-        FileNotFoundError, match=f"{tmp_path}: not a model folder; write one with `idforge export`"
+        FileNotFoundError, match=_exactly(f"{tmp_path}: not a model folder; write one with `idforge export`")
     ):
         load_pipeline(tmp_path)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
@@ -163,7 +173,10 @@ def test_load_pipeline_explains_what_is_wrong_with_a_folder(folders, tmp_path):
         load_pipeline(tmp_path)  # no idforge.json
     (tmp_path / "idforge.json").write_text("{}")
     with pytest.raises(
-        ValueError, match=r"written by an older idforge export \(StableDiffusionPipeline\); re-export it"
+        ValueError,
+        match=_exactly(
+            f"{tmp_path}: written by an older idforge export (StableDiffusionPipeline); re-export it"
+        ),
     ):
         load_pipeline(tmp_path)
     (tmp_path / "model_index.json").unlink()
@@ -193,7 +206,12 @@ def test_pipeline_from_generator_without_a_clip_config_is_an_error(models):
     model = models["final"]
     spec, model.zoo_spec = model.zoo_spec, None
     try:
-        with pytest.raises(ValueError, match="the generator has no zoo_spec to read its CLIP config from"):
+        with pytest.raises(
+            ValueError,
+            match=_exactly(
+                "pipeline_from_generator: the generator has no zoo_spec to read its CLIP config from"
+            ),
+        ):
             pipeline_from_generator(model, 32)
     finally:
         model.zoo_spec = spec

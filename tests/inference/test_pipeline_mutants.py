@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,11 @@ from idforge.inference.pipeline import IdentityEmbeds, IdentityPipeline, make_sc
 from idforge.models.generator import GeneratorConfig, IdentityGenerator
 
 from tests.builders import perturbed_generator, tiny_spec
+
+
+def _exactly(message: str) -> str:
+    """A pytest.raises pattern that matches ``message`` and nothing more."""
+    return f"^{re.escape(message)}$"
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +54,9 @@ def test_schedulers_by_name_keep_the_training_noise_schedule(final):
     assert type(dpm).__name__ == "DPMSolverMultistepScheduler" and dpm.config.algorithm_type == "dpmsolver++"
     assert type(make_scheduler("euler", cfg)).__name__ == "EulerDiscreteScheduler"
     assert torch.equal(dpm.alphas_cumprod, final.scheduler.alphas_cumprod)
-    with pytest.raises(ValueError, match=r"unknown scheduler 'heun': choose one of ddim, dpm\+\+, euler"):
+    with pytest.raises(
+        ValueError, match=_exactly("unknown scheduler 'heun': choose one of ddim, dpm++, euler")
+    ):
         make_scheduler("heun", cfg)
 
 
@@ -58,7 +66,7 @@ def test_identity_embeds_broadcast_repeat_zero_and_scale():
     assert three.arcface.shape == (3, 4) and three.clip.shape == (3, 2, 3)
     assert torch.equal(three.clip[2], one.clip[0])
     assert three.expand(3) is three
-    with pytest.raises(ValueError, match="identity embeddings have batch 3; expected 1 or 2"):
+    with pytest.raises(ValueError, match=_exactly("identity embeddings have batch 3; expected 1 or 2")):
         three.expand(2)
     rep = IdentityEmbeds(torch.arange(2.0)[:, None], torch.arange(2.0)[:, None]).repeat_interleave(2)
     assert rep.arcface[:, 0].tolist() == [0, 0, 1, 1] and rep.clip[:, 0].tolist() == [0, 0, 1, 1]
@@ -178,7 +186,13 @@ def test_the_referencenet_encodes_references_with_the_empty_prompt(refnets, fina
     )
     assert feats.states.keys() == expected.states.keys()
     assert all(torch.allclose(feats.states[k], expected.states[k], atol=1e-6) for k in feats.states)
-    with pytest.raises(ValueError, match="reference_images need a ReferenceNet"):
+    with pytest.raises(
+        ValueError,
+        match=_exactly(
+            "IdentityPipeline: reference_images need a ReferenceNet; export a generator trained with "
+            "generator.conditioning referencenet or both"
+        ),
+    ):
         _pipe(final).encode_references(_refs())
 
 
