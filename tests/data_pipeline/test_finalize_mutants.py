@@ -399,6 +399,8 @@ def test_heldout_moves_named_train_identities_with_two_images(tmp_path, caplog):
     split_a[:] = 0
     with caplog.at_level("WARNING", logger="idforge.data_pipeline.finalize"):
         assert finalize._heldout(cfg, gid, keep, split_a, {"train": 0}, names) == {"ann", "bob"}
-    assert "heldout=3 but only 2 train identities have >= 2 images" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "heldout=3 but only 2 train identities have >= 2 images"
+    ]
     assert finalize._heldout(SimpleNamespace(heldout=0), gid, keep, split_a, {"train": 0}, names) == set()
     assert finalize._heldout(cfg, gid, keep, split_a, {"test": 0}, names) == set()

@@ -75,10 +75,13 @@ def test_model_card_of_an_export(folders, tiny_zoo):
     assert "| training steps | 1234 |" in card and "| training data | unknown |" in card
     assert "| resolution | 32 px |" in card and "crop_scale 0.8 |" in card
     assert "| scheduler | ddim (inference; the training noise schedule) |" in card
-    assert "| fs | 0.5 |" in card and "IP-Adapter format" not in card
+    assert "\n| fs | 0.5 |\n" in card and "IP-Adapter format" not in card
     dec = (folders["decoupled"] / "README.md").read_text()
     assert "variant `decoupled`" in dec and "| scheduler | euler (inference" in dec
-    assert 'weight_name="ip-adapter.safetensors"' in dec and "image embeddings = concat(ArcFace" in dec
+    assert dec.endswith(
+        'weight_name="ip-adapter.safetensors", image_encoder_folder=None)`, image embeddings = '
+        "concat(ArcFace, CLIP image embedding).\n"
+    )
 
 
 def test_model_card_defaults():
@@ -91,7 +94,7 @@ def test_model_card_defaults():
         "| scheduler | ddim (inference; the training noise schedule) |",
         "| (none recorded) | |",
     ):
-        assert line in card, line
+        assert f"\n{line}\n" in card, line
     assert "IP-Adapter" not in card
     assert "| a | 1 |\n| b | x |" in model_card({"metrics": {"a": 1, "b": "x"}, "weights": "ema"})
     assert "| weights | ema |" in model_card({"weights": "ema"})

@@ -137,12 +137,12 @@ def test_references_default_to_the_template_landmarks_at_their_size(final):
 # ------------------------------------------------------------------------------------ ReferenceNet
 
 
-def _reference_model(tiny_zoo, face_mask):
+def _reference_model(tiny_zoo, face_mask, conditioning="referencenet"):
     torch.manual_seed(0)
     cfg = GeneratorConfig(
         zoo=tiny_spec(tiny_zoo),
-        adapter={},
-        conditioning="referencenet",
+        adapter={} if conditioning == "referencenet" else {"variant": "final"},
+        conditioning=conditioning,
         reference={"face_mask": face_mask, "image_size": 16},
     )
     model = IdentityGenerator.from_config(cfg)
@@ -155,14 +155,17 @@ def _reference_model(tiny_zoo, face_mask):
 
 @pytest.fixture(scope="module")
 def refnets(tiny_zoo):
-    return {mask: _reference_model(tiny_zoo, mask) for mask in ("none", "inpaint")}
+    models = {mask: _reference_model(tiny_zoo, mask) for mask in ("none", "inpaint")}
+    return models | {
+        "both": _reference_model(tiny_zoo, "none", conditioning="both")
+    }  # adapter + ReferenceNet
 
 
 def _refs(n=2):
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
 
 
-@pytest.mark.parametrize("face_mask", ["none", "inpaint"])
+@pytest.mark.parametrize("face_mask", ["none", "inpaint", "both"])
 def test_reference_generation_for_each_face_mask(refnets, face_mask):
     pipe = _pipe(refnets[face_mask])
     kw = {
