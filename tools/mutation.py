@@ -57,10 +57,14 @@ MODULES: dict[str, list[str]] = {
         "tests/models/test_reference_attention_mutants.py",
     ],
     "models/losses.py": ["tests/models/test_losses.py", "tests/models/test_losses_mutants.py"],
-    "train/module.py": ["tests/train/test_module.py", "tests/train/test_module_faults.py"],
-    "inference/pipeline.py": ["tests/inference/test_pipeline.py"],
-    "inference/export.py": ["tests/inference/test_export.py"],
-    "eval/identity.py": ["tests/eval/test_runner.py"],
+    "train/module.py": [
+        "tests/train/test_module.py",
+        "tests/train/test_module_faults.py",
+        "tests/train/test_module_mutants.py",
+    ],
+    "inference/pipeline.py": ["tests/inference/test_pipeline.py", "tests/inference/test_pipeline_mutants.py"],
+    "inference/export.py": ["tests/inference/test_export.py", "tests/inference/test_export_mutants.py"],
+    "eval/identity.py": ["tests/eval/test_runner.py", "tests/eval/test_identity_mutants.py"],
     "eval/identification.py": [
         "tests/eval/test_metrics.py::test_fs_ip_and_undetected_on_hand_made_embeddings",
         "tests/eval/test_metrics.py::test_identification_top1_top5_and_chance",
@@ -76,8 +80,15 @@ MODULES: dict[str, list[str]] = {
         "tests/eval/test_metrics.py::test_fiq_arithmetic",
         "tests/eval/test_fid_mutants.py",
     ],
-    "data_pipeline/job.py": ["tests/data_pipeline/test_resume.py", "tests/data_pipeline/test_curate.py"],
-    "data_pipeline/finalize.py": ["tests/data_pipeline/test_finalize.py"],
+    "data_pipeline/job.py": [
+        "tests/data_pipeline/test_resume.py",
+        "tests/data_pipeline/test_curate.py",
+        "tests/data_pipeline/test_job_mutants.py",
+    ],
+    "data_pipeline/finalize.py": [
+        "tests/data_pipeline/test_finalize.py",
+        "tests/data_pipeline/test_finalize_mutants.py",
+    ],
 }
 
 STATUS = {
