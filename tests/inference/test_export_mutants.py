@@ -80,7 +80,8 @@ def test_model_card_of_an_export(folders, tiny_zoo):
     assert "variant `decoupled`" in dec and "| scheduler | euler (inference" in dec
     assert dec.endswith(
         'weight_name="ip-adapter.safetensors", image_encoder_folder=None)`, image embeddings = '
-        "concat(ArcFace, CLIP image embedding).\n"
+        "concat(ArcFace, CLIP image embedding) of one person, shape (1, 1, D), the zero embedding stacked "
+        "first when guidance_scale > 1 (`idforge.inference.export.ip_adapter_image_embeds`).\n"
     )
 
 

@@ -84,7 +84,8 @@ def test_install_reports_identity_and_pass_through_counts_and_save_creates_neste
         trainable = install_identity_processors(unet, cross_attention_dim=unet.config.cross_attention_dim)
     n_id = len(trainable)
     assert 0 < n_id < n_layers
-    assert f"installed {n_id} identity attention processors ({n_layers - n_id} pass-through)" in caplog.text
+    messages = [r.getMessage() for r in caplog.records if r.name == "idforge.models.attention"]
+    assert messages == [f"installed {n_id} identity attention processors ({n_layers - n_id} pass-through)"]
     path = save_processors(unet, IdentityAttnProcessor, tmp_path / "a" / "b", "ip.safetensors", "install")
     assert path.is_file()
 
@@ -96,5 +97,36 @@ def test_a_layout_mismatch_names_missing_and_unexpected_keys(tmp_path):
     unet = tiny_unet(seed=0)
     install_identity_processors(unet, cross_attention_dim=unet.config.cross_attention_dim)
     save_file({"bogus.to_k_id.weight": torch.zeros(1)}, tmp_path / "ip.safetensors")
-    with pytest.raises(ValueError, match=r"unexpected \['bogus.to_k_id.weight'\]\); call install with the"):
+    with pytest.raises(ValueError) as err:
         load_processors(unet, IdentityAttnProcessor, tmp_path, "ip.safetensors", "install")
+    msg = str(err.value)
+    assert msg.startswith(
+        f"load {tmp_path / 'ip.safetensors'}: keys do not match the installed IdentityAttnProcessors"
+    )
+    assert msg.endswith(
+        "unexpected ['bogus.to_k_id.weight']); call install with the layout it was saved with first"
+    )
+
+
+def test_cross_attention_with_a_normed_context_equals_the_stock_processor():
+    """``cross_attention_norm`` (attn.norm_cross): the context is normed before K/V, as diffusers does."""
+    torch.manual_seed(0)
+    attn = Attention(
+        query_dim=8, cross_attention_dim=6, heads=2, dim_head=4, cross_attention_norm="layer_norm"
+    )
+    with torch.no_grad():
+        attn.norm_cross.weight.uniform_(0.5, 1.5)
+        attn.norm_cross.bias.uniform_(-0.5, 0.5)
+    _same_as_stock(
+        attn.eval(), torch.randn(2, 5, 8, generator=_gen(1)), torch.randn(2, 7, 6, generator=_gen(2))
+    )
+
+
+def test_wrong_identity_token_batch_is_refused_with_the_shapes():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    proc = IdentityAttnProcessor(attn.inner_dim, 6)
+    x, ctx = torch.randn(2, 5, 8), torch.randn(2, 7, 6)
+    with pytest.raises(ValueError) as err:
+        proc(attn, x, ctx, id_tokens=torch.randn(3, 4, 6))
+    assert str(err.value) == "IdentityAttnProcessor: id_tokens must be (2, n, 6), got (3, 4, 6)"
