@@ -285,7 +285,9 @@ def _identities(cfg, root, split_a, name_a, name_list, split_names, emb, keep, r
     named: dict[tuple[int, str], int] = {}
 
     def name_group(s: int, name: str) -> int:
-        return named.setdefault((s, name), _append(group_names, name))
+        if (s, name) not in named:  # a new group's name is appended once, not once per image
+            named[(s, name)] = _append(group_names, name)
+        return named[(s, name)]
 
     mode = cfg.cluster
     if mode == "auto":

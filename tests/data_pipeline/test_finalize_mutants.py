@@ -404,3 +404,24 @@ def test_heldout_moves_named_train_identities_with_two_images(tmp_path, caplog):
     ]
     assert finalize._heldout(SimpleNamespace(heldout=0), gid, keep, split_a, {"train": 0}, names) == set()
     assert finalize._heldout(cfg, gid, keep, split_a, {"test": 0}, names) == set()
+
+
+def test_group_names_hold_one_entry_per_identity_not_per_image(tmp_path):
+    """Every image of a named person maps to one group; the name list grows with identities only
+    (its arrays are sized by it at FlashFace scale)."""
+    cfg = SimpleNamespace(cluster=None, cluster_options={}, embedder="/enc")
+    split_a, split_names = _split(6)
+    keep = np.ones(6, dtype=bool)
+    gid, group_names = finalize._identities(
+        cfg,
+        tmp_path,
+        split_a,
+        np.array([0, 0, 0, 1, 1, 0]),
+        ["ann", "bob"],
+        split_names,
+        None,
+        keep,
+        Counter(),
+    )
+    assert group_names == ["ann", "bob"]
+    assert gid.tolist() == [0, 0, 0, 1, 1, 0]
