@@ -47,7 +47,12 @@ from diffusers import StableDiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
-from idforge.models.attention import PassThroughAttnProcessor, iter_attention_layers, processor_key
+from idforge.models.attention import (
+    PassThroughAttnProcessor,
+    is_stock_processor,
+    iter_attention_layers,
+    processor_key,
+)
 from idforge.models.face_mask import box_mask, face_mask_input
 from idforge.models.guidance import LAMBDA_REF
 from idforge.models.referencenet import ReferenceNet
@@ -204,7 +209,7 @@ class IdentityPipeline(StableDiffusionPipeline):
                 raise ValueError(f"adapter has no identity processor for the UNet layer {name}")
             if cross is not None:
                 layers[name] = procs[processor_key(name)]
-            elif type(current[name]) in (AttnProcessor2_0, PassThroughAttnProcessor):
+            elif is_stock_processor(current[name]):
                 layers[name] = PassThroughAttnProcessor()
             else:  # a ReferenceNet's reference processor on this self-attention layer stays
                 layers[name] = current[name]

@@ -23,7 +23,8 @@ def demo(
         out: output folder (figures, image grid, shards, exported model).
         quick: the same stages at toy sizes (well under a minute).
         long: train the generator 3000 steps (EMA 0.995) instead of 500: the identity figures the
-            default budget cannot reach (about 45 minutes on 2 CPU cores; BENCHMARKS.md).
+            default budget cannot reach (its generator stage alone took 35 minutes on 2 shared CPU cores;
+            BENCHMARKS.md).
         steps: generator training steps (default 500; quick: 4).
         seed: seed of every stage (default 0).
         identity_loss: lambda_id of the time-weighted identity loss (default: off).

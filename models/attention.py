@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -70,6 +70,12 @@ class PassThroughAttnProcessor(AttnProcessor2_0):
         reference=None,
     ) -> torch.Tensor:
         return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def is_stock_processor(proc) -> bool:
+    """diffusers' plain processors or the pass-through: nothing of idforge's own (a reference or identity
+    processor) that an installer must keep on the layer."""
+    return type(proc) in (AttnProcessor2_0, AttnProcessor, PassThroughAttnProcessor)
 
 
 class IdentityAttnProcessor(nn.Module):

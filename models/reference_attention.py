@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from .attention import (
     PassThroughAttnProcessor,
+    is_stock_processor,
     iter_attention_layers,
     load_processors,
     processor_key,
@@ -329,7 +330,7 @@ def install_reference_processors(
             attn = modules[name.removesuffix(".processor")]
             procs[name] = ReferenceAttnProcessor.from_attention(name, attn, zero_init=zero_init)
             trainable[processor_key(name)] = procs[name]
-        elif type(current) in (AttnProcessor2_0, AttnProcessor, PassThroughAttnProcessor):
+        elif is_stock_processor(current):
             procs[name] = PassThroughAttnProcessor()
     unet.set_attn_processor(procs)
     log.info("installed %d reference attention processors (placement %s)", len(trainable), placement)

@@ -98,12 +98,16 @@ class EMA(L.Callback):
 
     # ------------------------------------------------------------------ validation with the average
     @torch.no_grad()
+    def _load_average(self, live: dict[str, torch.Tensor]) -> None:
+        for k, e in self.shadow.items():
+            live[k].data.copy_(e.to(live[k].device, live[k].dtype))
+
+    @torch.no_grad()
     def _swap(self, pl_module: L.LightningModule) -> None:
         live = trainable_tensors(pl_module)
         if self._backup is None:
             self._backup = {k: live[k].detach().clone() for k in self.shadow}
-            for k, e in self.shadow.items():
-                live[k].data.copy_(e.to(live[k].device, live[k].dtype))
+            self._load_average(live)
         else:
             for k, b in self._backup.items():
                 live[k].data.copy_(b)
@@ -116,9 +120,7 @@ class EMA(L.Callback):
             raise RuntimeError("EMA.apply_to: no average yet (the callback has not seen a training step)")
         if self._backup is not None:
             self._swap(pl_module)  # the live weights back first, so the average is not lost on swap-out
-        live = trainable_tensors(pl_module)
-        for k, e in self.shadow.items():
-            live[k].data.copy_(e.to(live[k].device, live[k].dtype))
+        self._load_average(trainable_tensors(pl_module))
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self.validate_with_ema and self.shadow is not None and self._backup is None:
