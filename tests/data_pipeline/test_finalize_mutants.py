@@ -23,7 +23,7 @@ from idforge.data_pipeline.finalize import finalize_curation, why_nothing_accept
 from idforge.data_pipeline.job import CurateConfig
 from PIL import Image
 
-LOOSE = FilterConfig(min_resolution=16, min_face_px=4, duplicate_threshold=None)
+from tests.data_pipeline.test_finalize import _kw
 
 
 def _exactly(message: str) -> str:
@@ -32,17 +32,7 @@ def _exactly(message: str) -> str:
 
 
 def _cfg(src, out, **extra) -> CurateConfig:
-    kw = {
-        "input": str(src),
-        "output": str(out),
-        "resolution": 32,
-        "unit_size": 5,
-        "embedder": None,
-        "filters": LOOSE,
-        "rank": 0,
-        "world_size": 1,
-    }
-    return CurateConfig(**(kw | extra))
+    return CurateConfig(**_kw(src, out, **({"rank": 0, "world_size": 1} | extra)))
 
 
 def _groups(shard: Path) -> dict[str, dict]:
