@@ -11,6 +11,7 @@ embedding -> face map.
     OMP_NUM_THREADS=2 python benchmarks/demo_generator.py --demo demo_out --steps 500 \
         --set lr=1e-3 --set 'adapter={"variant": "final", "text_residual": true}' --out gen_b
 
+``--score EXPORT`` skips training and scores an earlier run's export (``--guidance 3 4`` on it).
 ``--set KEY=VALUE`` overrides a :class:`idforge.launch.demo.DemoConfig` field (VALUE is JSON, or a
 plain string). Prints one JSON object (figures, seconds) and writes it to ``OUT/figures.json``.
 """
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="DemoConfig.quick() as the base")
     ap.add_argument("--train-identities", type=int, default=40)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON")
+    ap.add_argument("--score", type=Path, default=None, help="score this export instead of training one")
     ap.add_argument(
         "--guidance",
         type=float,
@@ -105,17 +107,19 @@ def main() -> None:
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
 
-    zoo = build_tiny(
-        out / "zoo",
-        zoo_config(cfg),
-    )
-    for part in ("face_encoder", "vae"):  # the demo's trained encoder (and VAE), not random ones
-        if (demo / "zoo" / part).exists():
-            shutil.rmtree(out / "zoo" / part, ignore_errors=True)
-            shutil.copytree(demo / "zoo" / part, out / "zoo" / part)
-    module, trainer = train_generator(cfg, zoo, demo / "shards", out, progress_bar=False)
-    t_train = time.perf_counter() - t0
-    pipe = load_pipeline(export_generator(module.model, out / "export", cfg.resolution))
+    final_loss = None
+    if args.score is not None:  # an earlier run's export, scored again (e.g. at other guidance scales)
+        pipe, t_train = load_pipeline(args.score), 0.0
+    else:
+        zoo = build_tiny(out / "zoo", zoo_config(cfg))
+        for part in ("face_encoder", "vae"):  # the demo's trained encoder (and VAE), not random ones
+            if (demo / "zoo" / part).exists():
+                shutil.rmtree(out / "zoo" / part, ignore_errors=True)
+                shutil.copytree(demo / "zoo" / part, out / "zoo" / part)
+        module, trainer = train_generator(cfg, zoo, demo / "shards", out, progress_bar=False)
+        t_train = time.perf_counter() - t0
+        final_loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
+        pipe = load_pipeline(export_generator(module.model, out / "export", cfg.resolution))
     judge = FaceEncoder.from_pretrained(demo / "judge")
     lms = torch.as_tensor(template_for(cfg.resolution, cfg.crop_scale), dtype=torch.float32)
     train_urls = sorted(str(p) for p in (demo / "shards").glob("train-*.tar"))
@@ -154,8 +158,9 @@ def main() -> None:
         figures[name]["background"] = background_errors(images, groups)
     result = {
         "overrides": parse_set(args.set),
-        "steps": cfg.steps,
-        "final_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
+        "steps": None if args.score is not None else cfg.steps,
+        "final_loss": final_loss,
+        "scored_export": None if args.score is None else str(args.score),
         "train_seconds": round(t_train, 1),
         "seconds": round(time.perf_counter() - t0, 1),
         "figures": figures,
