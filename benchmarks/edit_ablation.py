@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-at", type=float, default=0.5)
     ap.add_argument("--hair-tol", type=float, default=40.0, help="RGB distance to the source colour")
     ap.add_argument("--attribute", choices=sorted(ATTRIBUTES), default="hair", help="what the edit recolours")
+    ap.add_argument("--guidance", type=float, default=1.0, help="guidance of the editing pass (1: none)")
+    ap.add_argument("--negative", default=None, help="its negative prompt (default: the source caption)")
     ap.add_argument("--json", type=Path, default=Path("edit_ablation.json"))
     args = ap.parse_args(argv)
     from idforge.eval.groups import load_groups
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
                 if ft_on != tuned:
                     continue
                 res = ed.edit(g.captions[0], target, concept if masked else None, strength=preset.strength,
-                              steps=args.steps, kernel=preset.kernel, mask_at=args.mask_at)  # fmt: skip
+                              steps=args.steps, kernel=preset.kernel, mask_at=args.mask_at,
+                              guidance_scale=args.guidance, negative=args.negative)  # fmt: skip
                 emb = embed_faces(judge, torch.cat([x, res.image]), torch.cat([lms, lms]))
                 gallery = embed_faces(judge, g.images[1:], g.landmarks[1:]).mean(0, keepdim=True)
                 changed, n_hair = hair_change(x[0], res.image[0], src, tgt, args.hair_tol, args.attribute)
@@ -172,13 +175,13 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     out = {"command": "python " + " ".join(sys.argv), "model": str(model), "k": len(records),
            "steps": args.steps, "finetune_steps": args.finetune_steps, "lr": args.lr,
-           "grad_accum": args.grad_accum, "preset": args.preset, "attribute": args.attribute, "seconds": round(seconds, 1),
+           "grad_accum": args.grad_accum, "guidance": args.guidance, "negative": args.negative, "preset": args.preset, "attribute": args.attribute, "seconds": round(seconds, 1),
            "summary": summary, "edits": records}  # fmt: skip
     args.json.write_text(json.dumps(out, indent=2))
     print(f"command: {out['command']}")
     print(f"{len(records)} held-out SynthID photos, {args.attribute}-colour edit ({args.preset}: strength {preset.strength}, "
           f"kernel {preset.kernel}), {args.steps}-step schedule, fine-tune {args.finetune_steps} x "
-          f"{args.grad_accum} at lr {args.lr}; {seconds:.0f} s")  # fmt: skip
+          f"{args.grad_accum} at lr {args.lr}, guidance {args.guidance:g}; {seconds:.0f} s")  # fmt: skip
     print(
         f"{'variant':<12} {'mask':<5} {'tune':<5} {'FS(orig)':>8} {'FS(gal)':>8} {'L1':>6} {'changed':>8} {'mask':>5}"
     )

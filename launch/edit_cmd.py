@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 REQUIRED = ("image", "target")
-"""Columns every batch row needs; the others (source, concept, preset, strength, kernel, mode, then)
-fall back to the command's options, and ``references`` (the person's other photos) is read only by
+"""Columns every batch row needs; the others (source, concept, preset, strength, kernel, mode,
+guidance_scale, negative, then) fall back to the command's options, and ``references`` (the person's other photos) is read only by
 ``idforge eval`` (FlowID's IP against their mean embedding, :mod:`idforge.eval.edits`)."""
 
 
@@ -106,6 +106,8 @@ def edit(
     mask_at: float = 0.5,
     blur: float = 0.0,
     no_mask: bool = False,
+    guidance_scale: float = 1.0,
+    negative: str | None = None,
     steps: int = 50,
     finetune_steps: int = 100,
     finetune_method: str = "full",
@@ -139,6 +141,8 @@ def edit(
         mask_at: t_M as a fraction of t_s, where the attention mask is read.
         blur: Gaussian sigma of the mask in latent pixels (0: binary mask).
         no_mask: edit without a mask (the papers' ablation).
+        guidance_scale: guidance of the editing pass, p(negative) + w (p(target) - p(negative)); 1: none (the papers' Algorithm 1). Raise it when the target prompt barely changes the result.
+        negative: the guidance's negative prompt (default: the source prompt, so guidance amplifies what the target changes; "" for classifier-free guidance).
         steps: steps of a full 0 -> 1 schedule (round(steps * strength) each way).
         finetune_steps: single-image fine-tuning optimiser steps (0: none).
         finetune_method: full or lora.
@@ -149,7 +153,7 @@ def edit(
         micro_batch: accumulated samples per forward (grad_accum: one batched forward).
         gradient_checkpointing: trade compute for memory while fine-tuning.
         then: further edits of the result, each a JSON object with target, concept and optional source/preset/strength/kernel/mode (the tuned model is reused).
-        batch: JSONL or CSV (.csv, header row) file, one edit per row: image, target, optional source/concept/preset/strength/kernel/mode/then, and references (the person's other photos, read only by `idforge eval` for IP; a JSON list, `;`-separated in CSV); relative paths are under the file's folder.
+        batch: JSONL or CSV (.csv, header row) file, one edit per row: image, target, optional source/concept/preset/strength/kernel/mode/guidance_scale/negative/then, and references (the person's other photos, read only by `idforge eval` for IP; a JSON list, `;`-separated in CSV); relative paths are under the file's folder.
         resolution: square size the photo is resized to (default: the model's).
         dtype: float32, bfloat16 or float16.
         device: where to run (cpu, cuda).
@@ -194,6 +198,8 @@ def edit(
             "strength": float(r.get("strength", p.strength if p else strength)),
             "kernel": int(r.get("kernel", p.kernel if p else kernel)),
             "mode": r.get("mode", mode),
+            "guidance_scale": float(r.get("guidance_scale", guidance_scale)),
+            "negative": r.get("negative", negative),
         }
 
     for i, row in enumerate(rows):

@@ -10,7 +10,7 @@ Backbones (:mod:`.backbone`): SD3 (rectified flow, the papers' choice) and idfor
 generator / an ``idforge export`` folder (DDIM, epsilon or v prediction), behind one interface.
 """
 
-from .backbone import EditBackbone, FlowBackbone, UNetBackbone, load_backbone
+from .backbone import EditBackbone, FlowBackbone, Guided, UNetBackbone, load_backbone
 from .editor import PRESETS, Editor, EditResult, Preset
 from .finetune import FinetuneConfig, finetune
 from .mask import kmeans_mask, make_mask
@@ -22,6 +22,7 @@ __all__ = [
     "Editor",
     "FinetuneConfig",
     "FlowBackbone",
+    "Guided",
     "Preset",
     "UNetBackbone",
     "finetune",

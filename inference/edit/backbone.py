@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,18 @@ from .attention import AttentionRecorder, concept_token_indices, install_recorde
 log = logging.getLogger(__name__)
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclass(frozen=True)
+class Guided:
+    """A guided conditioning for :meth:`EditBackbone.move`: the denoiser's prediction is
+    p(negative) + scale (p(positive) - p(negative)) (classifier-free guidance, Ho & Salimans 2022;
+    with the source prompt as ``negative``, a directional guidance towards what the target changes).
+    The moves are affine in the prediction, so guidance combines the two plain moves the same way."""
+
+    positive: object
+    negative: object
+    scale: float
 
 
 class EditBackbone(ABC):
@@ -98,6 +111,18 @@ class EditBackbone(ABC):
         """The backbone's own objective on the batch z0 (n, C, h, w) with one conditioning."""
 
     # ---------------------------------------------------------------------------- shared
+    @staticmethod
+    def guided(predict, z: torch.Tensor, t, cond) -> torch.Tensor:
+        """``predict(z, t, cond)``, or for a :class:`Guided` conditioning the guidance combination of
+        the positive and negative predictions (in float32)."""
+        if not isinstance(cond, Guided):
+            return predict(z, t, cond)
+        pos = predict(z, t, cond.positive).float()
+        if cond.scale == 1.0:
+            return pos
+        neg = predict(z, t, cond.negative).float()
+        return neg + cond.scale * (pos - neg)
+
     def prepare_image(self, image: torch.Tensor) -> torch.Tensor:
         """Resize a (1, 3, H, W) image in [-1, 1] to the backbone's square resolution."""
         if image.shape[-2:] != (self.resolution, self.resolution):
@@ -210,7 +235,7 @@ class FlowBackbone(EditBackbone):
         )[0]
 
     def move(self, z, levels, a, b, cond):
-        v = self._velocity(z, levels[a], cond)
+        v = self.guided(self._velocity, z, levels[a], cond)
         return (z.float() + (levels[b] - levels[a]) * v.float()).to(z.dtype)
 
     def draw_noise(self, n, shape, generator):
@@ -307,7 +332,7 @@ class UNetBackbone(EditBackbone):
         """DDIM, eta = 0: x0 and eps from the prediction at level a, re-noised to level b."""
         if self.prediction_type == "sample" and a == 0:  # clean level: z = x0, no noise direction
             return z
-        out = self._predict(z, levels[a], cond).float()
+        out = self.guided(self._predict, z, levels[a], cond).float()
         aa, ab = self._alpha(levels, a).to(z.device), self._alpha(levels, b).to(z.device)
         zf = z.float()
         if self.prediction_type == "v_prediction":

@@ -10,6 +10,10 @@ the same photo reuse the tuned weights (FINEdits' EditFFHQ protocol). One edit:
                 addition -- denoise K -> k_M with c_tgt unmasked, record there, go back to K
     editing     z'_{k-1} = move(z_k, k -> k-1, c_tgt);  z_{k-1} = M z'_{k-1} + (1 - M) z_ref_{k-1}
 
+Optional guidance of the editing pass (not in the papers' Algorithm 1, off by default): c_tgt is
+replaced by p(c_neg) + w (p(c_tgt) - p(c_neg)), the negative being the source prompt unless given,
+for backbones whose prompts steer weakly.
+
 With a binary mask (no blur) the latent outside the mask equals the source trajectory exactly at
 every level, so the unedited region decodes to the inverted-and-kept source.
 """
@@ -22,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import maps_to_grid
-from .backbone import EditBackbone
+from .backbone import EditBackbone, Guided
 from .finetune import FinetuneConfig, finetune
 from .mask import make_mask, scaled_kernel
 
@@ -109,6 +113,8 @@ class Editor:
         blur: float = 0.0,
         chain: bool = False,
         mask: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        negative: str | None = None,
     ) -> EditResult:
         """Edit the photo (or, ``chain``, the previous edit's result) from ``source`` to ``target``.
 
@@ -122,6 +128,11 @@ class Editor:
             kernel: max-pool kernel on SD3's 64-token grid (Table 3); scaled to this latent grid.
             blur: Gaussian sigma of the mask in latent pixels (0: binary mask).
             mask: a given (1, 1, h, w) mask instead of the attention one.
+            guidance_scale: w of the editing pass, p = p(negative) + w (p(target) - p(negative));
+                1 (default): the papers' unguided Algorithm 1. The inversion stays unguided (it
+                must retrace the photo), so with target = source the result does not change.
+            negative: the guidance's negative prompt; None: the source prompt (the guidance then
+                amplifies exactly what the target changes); "" for classifier-free guidance.
         """
         if mode not in MODES:
             raise ValueError(f"edit mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -131,20 +142,22 @@ class Editor:
         levels = bb.levels(steps, strength)
         big_k = len(levels) - 1
         k_m = min(big_k - 1, max(0, round(big_k * mask_at)))
-        bb.encode_prompts([source, target])  # one text-encoder visit per edit (SPEC sec. 5)
+        negative = source if negative is None else negative
+        bb.encode_prompts([source, target, negative])  # one text-encoder visit per edit (SPEC sec. 5)
         if chain and getattr(self, "last", None) is not None:
             self.z0 = self.last
         use_attention = concept is not None and mask is None
         record = k_m if use_attention and mode == "removal" else None
         traj, maps = self.invert(source, levels, record, concept)
-        c_tgt = bb.condition(target)
+        c_plain = bb.condition(target)
+        c_tgt = c_plain if guidance_scale == 1.0 else Guided(c_plain, bb.condition(negative), guidance_scale)
         attention = None
         if use_attention and mode == "addition":
             z = traj[-1]
             for k in range(big_k, k_m, -1):
                 z = bb.move(z, levels, k, k - 1, c_tgt)
             bb.recorder.start(bb.concept_indices(target, concept))
-            bb.move(z, levels, k_m, max(k_m - 1, 0), c_tgt)  # one forward at t_M, for its attention
+            bb.move(z, levels, k_m, max(k_m - 1, 0), c_plain)  # one forward at t_M, for its attention
             maps = bb.recorder.stop()
         if use_attention:
             p = self._patch()

@@ -75,6 +75,20 @@ def test_edit_command_batch_and_sequential_edits_on_sd3(tiny_sd3_dir, tmp_path):
     assert second["source"] == "a person's face" and second["mode"] == "addition"
 
 
+def test_edit_command_guidance_changes_the_edit_and_is_recorded(tiny_export_dir, tmp_path):
+    photo = _photo_with_gps(tmp_path / "x.png")
+    args = ["edit", "--model", str(tiny_export_dir), "--image", str(photo), "--steps", "6",
+            "--finetune_steps", "0", "--source", "a person's face with red hair",
+            "--target", "a person's face with blond hair"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*args, "--out", str(tmp_path / "g"), "--guidance_scale", "4", "--negative", ""]) == 0
+    plain, guided = (Image.open(tmp_path / d / "edited.png") for d in ("plain", "g"))
+    assert json.loads(plain.text["idforge:edit"])["guidance_scale"] == 1.0
+    info = json.loads(guided.text["idforge:edit"])
+    assert info["guidance_scale"] == 4.0 and info["negative"] == ""
+    assert not np.array_equal(np.asarray(plain), np.asarray(guided))
+
+
 def test_edit_command_errors_name_the_option(tmp_path, capsys):
     assert main(["edit", "--model", str(tmp_path / "nope"), "--image", "x.jpg"]) != 0
     assert "--model" in capsys.readouterr().err

@@ -154,3 +154,40 @@ def test_x0_predicting_unet_moves_by_ddim_and_trains_on_the_clean_latent(tiny_ex
     assert torch.equal(bb.move(z, levels, 0, 1, None), z)
     t = torch.tensor([100, 900])
     assert float(bb.training_loss(x0.expand(2, -1, -1, -1), None, t, torch.randn(2, 4, 4, 4))) == 0.0
+
+
+def test_guided_move_is_the_guidance_combination_of_the_two_moves(backbone):
+    """w > 1: the prediction is p(negative) + w (p(target) - p(negative)); every backbone's move is
+    affine in its prediction, so the guided move is the same combination of the two plain moves."""
+    from idforge.inference.edit import Guided
+
+    ed = Editor(backbone, photo())
+    levels = backbone.levels(10, 0.8)
+    pos, neg = backbone.condition(TGT), backbone.condition(SRC)
+    z = backbone.move(backbone.move(ed.z0, levels, 0, 1, neg), levels, 1, 2, neg)
+    a, b = backbone.move(z, levels, 2, 1, pos), backbone.move(z, levels, 2, 1, neg)
+    guided = backbone.move(z, levels, 2, 1, Guided(pos, neg, 3.0))
+    torch.testing.assert_close(guided, b + 3.0 * (a - b), rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(guided, a, atol=1e-5), "guidance 3 must move past the plain target step"
+    torch.testing.assert_close(backbone.move(z, levels, 2, 1, Guided(pos, neg, 1.0)), a)
+
+
+def test_edit_guidance_amplifies_the_prompt_change_and_keeps_reconstruction(backbone):
+    ed = Editor(backbone, photo())
+    plain = ed.edit(SRC, TGT, None, strength=0.8, steps=10)
+    assert torch.equal(
+        ed.edit(SRC, TGT, None, strength=0.8, steps=10, guidance_scale=1.0).latent, plain.latent
+    )
+    guided = ed.edit(SRC, TGT, None, strength=0.8, steps=10, guidance_scale=4.0)
+    same = ed.edit(SRC, SRC, None, strength=0.8, steps=10)
+    # the source prompt is the default negative: guidance pushes the result away from the source's
+    assert (guided.latent - same.latent).abs().mean() > 1.5 * (plain.latent - same.latent).abs().mean()
+    # target = source: guidance has nothing to amplify, the reconstruction is unchanged
+    torch.testing.assert_close(
+        ed.edit(SRC, SRC, None, strength=0.8, steps=10, guidance_scale=4.0).latent, same.latent
+    )
+    empty = ed.edit(SRC, TGT, None, strength=0.8, steps=10, guidance_scale=4.0, negative="")
+    assert not torch.allclose(empty.latent, guided.latent)
+    masked = ed.edit(SRC, TGT, "red hair", strength=0.8, steps=10, kernel=1, guidance_scale=4.0)
+    outside = masked.mask.expand_as(masked.latent) == 0
+    assert torch.equal(masked.latent[outside], ed.z0[outside])
