@@ -221,7 +221,13 @@ def edit(
         sources = [
             step.get("source", src if j == 0 else chain[j - 1]["target"]) for j, step in enumerate(chain)
         ]
-        bb.encode_prompts([src, *sources, *(step["target"] for step in chain)])  # one text-encoder visit
+        edits = [(step, src_j, settings(step)) for step, src_j in zip(chain, sources)]
+        prompts = [
+            p
+            for step, src_j, s in edits
+            for p in Editor.prompts(src_j, step["target"], s["guidance_scale"], s["negative"])
+        ]
+        bb.encode_prompts([src, *prompts])  # one text-encoder visit for the row's edits
         if ft.steps:
             bar = tqdm(total=ft.steps, desc=f"fine-tune {photo.name}", leave=False)
             ed.finetune(
@@ -230,8 +236,7 @@ def edit(
                 progress=lambda s, loss, bar=bar: (bar.update(1), bar.set_postfix(loss=f"{loss:.4f}")),
             )
             bar.close()
-        for j, (step, src_j) in enumerate(zip(chain, sources)):
-            s = settings(step)
+        for j, (step, src_j, s) in enumerate(edits):
             res = ed.edit(
                 src_j,
                 step["target"],

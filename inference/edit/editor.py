@@ -143,7 +143,7 @@ class Editor:
         big_k = len(levels) - 1
         k_m = min(big_k - 1, max(0, round(big_k * mask_at)))
         negative = source if negative is None else negative
-        bb.encode_prompts([source, target, negative])  # one text-encoder visit per edit (SPEC sec. 5)
+        bb.encode_prompts(self.prompts(source, target, guidance_scale, negative))  # one text-encoder visit
         if chain and getattr(self, "last", None) is not None:
             self.z0 = self.last
         use_attention = concept is not None and mask is None
@@ -173,6 +173,15 @@ class Editor:
             z = z_new if m is None else (m * z_new.float() + (1 - m) * traj[k - 1].float()).to(z.dtype)
         self.last = z
         return EditResult(z, bb.decode(z), m, traj, attention)
+
+    @staticmethod
+    def prompts(
+        source: str, target: str, guidance_scale: float = 1.0, negative: str | None = None
+    ) -> list[str]:
+        """The prompts one :meth:`edit` conditions on (the negative only when it guides), so a caller
+        can encode several edits' prompts in one text-encoder visit (SPEC sec. 5)."""
+        guided = guidance_scale != 1.0 and negative is not None
+        return [source, target, negative] if guided else [source, target]
 
     def _patch(self) -> int:
         """The denoiser's patch size (SD3: 2; UNet: 1): k-means runs on the attention's own grid."""
