@@ -4,7 +4,7 @@ Layout (``IdentityPipeline.save_pretrained``; safetensors only)::
 
     out/
       model_index.json            # IdentityPipeline + resolution, crop_scale, template
-      unet/ vae/                  # plain UNet2DConditionModel / AutoencoderKL (vae absent: pixel models)
+      unet/ vae/                  # plain UNet2DConditionModel / AutoencoderKL
       text_encoder/ tokenizer/
       scheduler/                  # the INFERENCE scheduler (DDIM by default), same noise schedule
       adapter/                    # adapter + identity attention processors: the adapter-only export
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 from idforge.models.attention import processor_key
-from idforge.models.codec import PixelCodec, VaeCodec
+from idforge.models.codec import VaeCodec
 from idforge.models.generator import IdentityGenerator
 
 from idforge import __version__
@@ -65,7 +65,7 @@ def pipeline_from_generator(
         IdentityAdapterModel.from_parts(model.adapter, model.unet) if model.adapter is not None else None
     )
     pipe = IdentityPipeline(
-        vae=model.codec.vae if isinstance(model.codec, VaeCodec) else None,
+        vae=model.codec.vae,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
@@ -85,7 +85,7 @@ def generator_from_pipeline(pipe: IdentityPipeline) -> IdentityGenerator:
     """The training-side view (:class:`IdentityGenerator`) of a pipeline's components, shared."""
     from diffusers import DDPMScheduler
 
-    codec = VaeCodec(pipe.vae, sample_posterior=False) if pipe.vae is not None else PixelCodec()
+    codec = VaeCodec(pipe.vae, sample_posterior=False)
     gen = IdentityGenerator(
         pipe.unet,
         codec,
@@ -245,7 +245,6 @@ def export_generator(
         "version": __version__,
         "resolution": int(resolution),
         "crop_scale": crop_scale,
-        "codec": "vae" if pipe.vae is not None else "pixel",
         "variant": variant,
         "scheduler": scheduler,
         **extra,
@@ -276,6 +275,11 @@ def load_pipeline(
     if index.get("_class_name") != "IdentityPipeline":
         raise ValueError(
             f"{folder}: written by an older idforge export ({index.get('_class_name')}); re-export it"
+        )
+    if not (folder / "vae" / "config.json").is_file():
+        raise ValueError(
+            f"{folder}: has no vae/ (a pixel-space model of an older idforge, which diffusers cannot run); "
+            "train it again (`idforge demo` diffuses in a VAE's latents) and export it"
         )
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     pipe = IdentityPipeline.from_pretrained(folder, **kwargs)

@@ -29,9 +29,6 @@ combined by eq. (3) with lambda_text = ``guidance_scale`` (7.5) and lambda_ref =
 ReferenceNet is saved beside the components in ``reference_net/`` (not a diffusers component: it is
 attached to the main UNet's processors) and loaded back by :meth:`IdentityPipeline.from_pretrained`.
 ``adapter=None`` is the ReferenceNet-only generator (the UNet attends to the text states).
-
-Pixel-space models (no VAE; the built-in demo) run the same path with ``vae=None``: the stock loop
-returns its "latents" (pixels), which are post-processed like decoded images.
 """
 
 from __future__ import annotations
@@ -131,7 +128,7 @@ class IdentityPipeline(StableDiffusionPipeline):
     """Stable Diffusion with identity conditioning (see the module docstring)."""
 
     model_cpu_offload_seq = "text_encoder->image_encoder->face_encoder->adapter->unet->vae"
-    _optional_components: ClassVar[list[str]] = ["vae", "adapter", "safety_checker", "feature_extractor"]
+    _optional_components: ClassVar[list[str]] = ["adapter", "safety_checker", "feature_extractor"]
     _exclude_from_cpu_offload: ClassVar[list[str]] = ["safety_checker"]
 
     def __init__(
@@ -159,7 +156,7 @@ class IdentityPipeline(StableDiffusionPipeline):
             image_encoder=image_encoder,
             face_encoder=face_encoder,
         )
-        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
         resolution = int(resolution or unet.config.sample_size * scale)
         self.register_to_config(resolution=resolution, crop_scale=float(crop_scale), template=template)
         self.vae_scale_factor = scale
@@ -526,8 +523,7 @@ class IdentityPipeline(StableDiffusionPipeline):
         on_step_end,
     ):
         """diffusers' own denoising loop with its guidance off (the UNet hooks of :meth:`_guided_unet`
-        batch and combine the branches); a pixel-space model (no VAE) returns images it decodes itself."""
-        pixel = self.vae is None
+        batch and combine the branches)."""
         out = StableDiffusionPipeline.__call__(
             self,
             prompt_embeds=prompt_embeds,
@@ -539,33 +535,23 @@ class IdentityPipeline(StableDiffusionPipeline):
             generator=generator,
             latents=latents,
             eta=eta,
-            output_type="latent" if pixel else output_type,
+            output_type=output_type,
             return_dict=True,
             callback_on_step_end=on_step_end,
         )
-        images = out.images
-        if pixel and output_type != "latent":
-            images = self.image_processor.postprocess(images.clamp(-1, 1), output_type=output_type)
-        if not return_dict:
-            return (images, None)
-        out.images = images
-        return out
+        return out if return_dict else (out.images, None)
 
     # ------------------------------------------------------------------ codec
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> the space the UNet denoises (VAE mean latent x scaling
-        factor; pixels for pixel-space models). Deterministic (the posterior's mode)."""
+        factor). Deterministic (the posterior's mode)."""
         x = images.to(self._execution_device)
-        if self.vae is None:
-            return x
         z = self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode()
         return z * float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
     def decode_latents_to_images(self, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`encode_images`: (B, 3, H, W) in [-1, 1]."""
-        if self.vae is None:
-            return latents.clamp(-1, 1)
         z = latents / float(self.vae.config.scaling_factor)
         return self.vae.decode(z.to(self.vae.dtype)).sample.clamp(-1, 1)

@@ -14,7 +14,6 @@ def demo(
     seed: int | None = None,
     identity_loss: float | None = None,
     generator: Literal["adapter", "referencenet", "both"] = "adapter",
-    codec: Literal["pixel", "vae"] = "pixel",
     adapter_variant: Literal["decoupled", "final", "joint", "arcface", "clip"] = "decoupled",
 ) -> int:
     """Run the end-to-end demo on SynthID with tiny models, offline on a CPU.
@@ -31,8 +30,6 @@ def demo(
         identity_loss: lambda_id of the time-weighted identity loss (default: off).
         generator: adapter (Diff-ID), referencenet (FlashFace: trained on 1-4 reference photos at batch
             16, scored with 1 and 4) or both.
-        codec: pixel (diffusion on 16 px RGB) or vae (64 px faces in the latents of a small
-            AutoencoderKL trained on the demo's photos, then cached; quick: 32 px).
         adapter_variant: decoupled (identity tokens with their own attention beside the text) or the
             paper's final (Diff-ID's context replacement; joint, arcface, clip: its Table 2 ablations).
     """
@@ -52,8 +49,6 @@ def demo(
     cfg.generator = generator
     if adapter_variant != "decoupled":  # the paper's variants with the stabilisers the demo needs
         cfg.adapter = {"variant": adapter_variant, "input_layernorm": True, "normalize_by_length": True}
-    if codec == "vae":
-        cfg.codec, cfg.resolution = "vae", 32 if quick else 64
     if generator != "adapter" and not quick:
         cfg.batch_size = 16  # every sample also carries 1-4 reference photos through the ReferenceNet
     print(f"idforge demo -> {out}  ({'quick' if quick else 'full'} run, CPU, offline)", flush=True)

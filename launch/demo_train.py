@@ -14,7 +14,6 @@ def zoo_config(cfg):
 
     return TinyConfig(
         resolution=cfg.resolution,
-        codec=cfg.codec,
         vae_channels=tuple(cfg.vae_channels),
         vae_attention=False,
         vae_norm_groups=cfg.vae_norm_groups,

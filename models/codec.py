@@ -1,9 +1,9 @@
-"""Codecs between images and the space the UNet denoises: SD's VAE latents, or pixels.
+"""The codec between images and the space the UNet denoises: a VAE's scaled latents.
 
 The generator only ever calls ``encode``/``decode`` and reads ``latent_channels`` and
 ``downsample`` (pixels per latent), so the same training and sampling code runs with the real
 SD1.5 ``AutoencoderKL`` (4 x 64 x 64 latents for 512 px, scaled by ``scaling_factor`` 0.18215, as in
-Rombach et al. 2022) and with pixel-space diffusion for the tiny CPU demo.
+Rombach et al. 2022) and with the small ``AutoencoderKL`` the CPU demo trains on its photos.
 """
 
 from __future__ import annotations
@@ -23,19 +23,6 @@ class Codec(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
-
-
-class PixelCodec(Codec):
-    """Identity codec: the UNet denoises RGB pixels directly (3 channels, no downsampling)."""
-
-    latent_channels = 3
-    downsample = 1
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return images
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
 
 
 class VaeCodec(Codec):

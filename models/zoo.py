@@ -33,8 +33,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-PIXEL = "pixel"  # codec name for pixel-space diffusion (no VAE)
-
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 CLIP_VIT_H = "hf-hub:laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 ANTELOPEV2_ARCFACE = "~/.insightface/models/antelopev2/glintr100.onnx"
@@ -47,7 +45,6 @@ class ZooSpec:
 
     ``base`` is a diffusers model folder or hub name with ``unet/ vae/ text_encoder/ tokenizer/
     scheduler/`` subfolders; each per-component field overrides it with its own folder.
-    ``vae="pixel"`` selects pixel-space diffusion (no VAE).
     """
 
     base: str | None = SD15
@@ -76,7 +73,7 @@ class ZooSpec:
         ``../``, ``~``) must exist; raises naming the field (``zoo.<field>``)."""
         for name in ("base", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             value = getattr(self, name)
-            if value and value != PIXEL:
+            if value:
                 _local_or_hub(name, value)
         image = self.image_encoder
         if image.startswith(LOCAL_DIR):
@@ -125,11 +122,9 @@ def load_unet(spec: ZooSpec, **kwargs):
 
 
 def load_codec(spec: ZooSpec):
-    from .codec import PixelCodec, VaeCodec
-
-    if spec.vae == PIXEL:
-        return PixelCodec()
     from diffusers import AutoencoderKL
+
+    from .codec import VaeCodec
 
     path, sub = spec.source("vae")
     return VaeCodec(AutoencoderKL.from_pretrained(path, subfolder=sub))
@@ -174,7 +169,6 @@ class TinyConfig:
     """Sizes of the tiny random-weight zoo (a few hundred thousand parameters per component)."""
 
     resolution: int = 32
-    codec: str = "vae"  # "vae" (tiny AutoencoderKL) or "pixel"
     unet_channels: tuple[int, ...] = (32, 64)
     unet_layers_per_block: int = 1
     unet_attention: tuple[bool, ...] | None = None
@@ -203,8 +197,6 @@ class TinyConfig:
     words: list[str] | None = field(default=None)
 
     def __post_init__(self):
-        if self.codec not in ("vae", PIXEL):
-            raise ValueError(f"TinyConfig.codec must be 'vae' or 'pixel', got {self.codec!r}")
         if len(self.vae_channels) < 2:
             raise ValueError(
                 f"TinyConfig.vae_channels needs at least 2 levels (2x downsampling), got {self.vae_channels}"
@@ -214,8 +206,8 @@ class TinyConfig:
 
     @property
     def vae_downsample(self) -> int:
-        """Pixels per latent (1 for the pixel codec)."""
-        return 1 if self.codec == PIXEL else 2 ** (len(self.vae_channels) - 1)
+        """Pixels per latent."""
+        return 2 ** (len(self.vae_channels) - 1)
 
 
 def _seed(seed: int | None) -> None:
@@ -226,14 +218,14 @@ def _seed(seed: int | None) -> None:
 def tiny_unet(config: TinyConfig | None = None, *, seed: int | None = None):
     """A random-weight ``UNet2DConditionModel`` with ``config``'s widths, attention levels and sizes.
 
-    Latent input (4 channels, ``resolution / vae_downsample`` pixels) for the VAE codec, RGB (3
-    channels, ``resolution`` pixels) for ``codec="pixel"``. ``seed`` seeds torch's global generator first;
+    Latent input: 4 channels, ``resolution / vae_downsample`` pixels. ``seed`` seeds torch's global
+    generator first;
     ``None`` draws from it as it stands (:func:`build_tiny` seeds once for the whole zoo).
     """
     from diffusers import UNet2DConditionModel
 
     cfg = config or TinyConfig()
-    in_channels = 3 if cfg.codec == PIXEL else 4
+    in_channels = 4
     n = len(cfg.unet_channels)
     attn = tuple(cfg.unet_attention) if cfg.unet_attention is not None else (True,) * n
     if len(attn) != n:
@@ -358,15 +350,14 @@ def _write_open_clip(cfg: TinyConfig, folder: Path, image_size: int) -> None:
 
 def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     """Write every component with random weights under ``folder`` and return the spec that loads them."""
+    import diffusers
     from diffusers import DDPMScheduler
 
     cfg = config or TinyConfig()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    pixel = cfg.codec == PIXEL
     tiny_unet(cfg, seed=cfg.seed).save_pretrained(folder / "unet")  # later components continue the stream
-    if not pixel:
-        tiny_vae(cfg).save_pretrained(folder / "vae")
+    tiny_vae(cfg).save_pretrained(folder / "vae")
     _write_tokenizer_and_text_encoder(cfg, folder)
     DDPMScheduler(
         num_train_timesteps=1000,
@@ -378,30 +369,26 @@ def build_tiny(folder: str | Path, config: TinyConfig | None = None) -> ZooSpec:
     ).save_pretrained(folder / "scheduler")
     _write_open_clip(cfg, folder / "clip_image_encoder", image_size=max(32, cfg.resolution))
     tiny_face_encoder(cfg).save_pretrained(folder / "face_encoder")
-    if not pixel:
-        import diffusers
-
-        (folder / "model_index.json").write_text(
-            json.dumps(
-                {
-                    "_class_name": "StableDiffusionPipeline",
-                    "_diffusers_version": diffusers.__version__,
-                    "unet": ["diffusers", "UNet2DConditionModel"],
-                    "vae": ["diffusers", "AutoencoderKL"],
-                    "text_encoder": ["transformers", "CLIPTextModel"],
-                    "tokenizer": ["transformers", "CLIPTokenizer"],
-                    "scheduler": ["diffusers", "DDPMScheduler"],
-                    "safety_checker": [None, None],
-                    "feature_extractor": [None, None],
-                    "image_encoder": [None, None],
-                    "requires_safety_checker": False,
-                },
-                indent=2,
-            )
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": diffusers.__version__,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "image_encoder": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
         )
+    )
     spec = ZooSpec(
         base=str(folder),
-        vae=PIXEL if pixel else None,
         image_encoder=f"local-dir:{folder / 'clip_image_encoder'}",
         face_encoder=str(folder / "face_encoder"),
     )
@@ -414,7 +401,7 @@ TINY_PREFIX = "tiny"
 
 
 def resolve(spec: ZooSpec) -> ZooSpec:
-    """Resolve ``base="tiny"`` / ``"tiny-pixel"`` / ``"tiny:/folder"`` to a built tiny zoo.
+    """Resolve ``base="tiny"`` / ``"tiny:/folder"`` to a built tiny zoo.
 
     Tiny twins of real configs name the zoo this way; it is built once (random weights, seconds)
     under ``$IDFORGE_CACHE`` (default ``~/.cache/idforge``) or the given folder, then loaded from
@@ -426,9 +413,8 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     if not (base == TINY_PREFIX or base.startswith((TINY_PREFIX + "-", TINY_PREFIX + ":"))):
         return spec
     name, _, folder = base.partition(":")
-    codec = PIXEL if name == f"{TINY_PREFIX}-{PIXEL}" else "vae"
-    if name not in (TINY_PREFIX, f"{TINY_PREFIX}-{PIXEL}"):
-        raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny', 'tiny-pixel' or 'tiny:/folder'")
+    if name != TINY_PREFIX:
+        raise ValueError(f"unknown tiny zoo {name!r}: use 'tiny' or 'tiny:/folder'")
     root = (
         Path(folder)
         if folder
@@ -438,7 +424,7 @@ def resolve(spec: ZooSpec) -> ZooSpec:
     if marker.is_file():
         built = ZooSpec(**json.loads(marker.read_text()))
     else:
-        built = build_tiny(root, TinyConfig(codec=codec))
+        built = build_tiny(root, TinyConfig())
     return ZooSpec(**{**built.to_dict(), "image_tokens": spec.image_tokens})
 
 

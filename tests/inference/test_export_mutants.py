@@ -51,13 +51,12 @@ def folders(models, tmp_path_factory):
     }
 
 
-def test_manifest_records_resolution_crop_codec_variant_scheduler_and_extra(folders, tiny_zoo):
+def test_manifest_records_resolution_crop_variant_scheduler_and_extra(folders, tiny_zoo):
     assert json.loads((folders["final"] / "idforge.json").read_text()) == {
         "format": "idforge-pipeline",
         "version": __version__,
         "resolution": 32,
         "crop_scale": 0.8,
-        "codec": "vae",
         "variant": "final",
         "scheduler": "ddim",
         "weights": "ema",
@@ -182,6 +181,9 @@ def test_load_pipeline_explains_what_is_wrong_with_a_folder(folders, tmp_path):
             f"{tmp_path}: written by an older idforge export (StableDiffusionPipeline); re-export it"
         ),
     ):
+        load_pipeline(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "IdentityPipeline"}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: has no vae/ (a pixel-space model")):
         load_pipeline(tmp_path)
     (tmp_path / "model_index.json").unlink()
     with pytest.raises(FileNotFoundError, match="not a model folder"):

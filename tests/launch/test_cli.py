@@ -44,7 +44,6 @@ def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
     manifest = json.loads((demo_out / "shards" / "manifest.json").read_text())
     assert manifest["files_seen"] == manifest["images_accepted"] + sum(manifest["rejected"].values())
     assert (demo_out / "export" / "idforge.json").is_file()
-    assert fig["vae"] is None and fig["config"]["codec"] == "pixel"
     # both judges scored the same images; the independent one is saved beside the export
     judge = fig["judges"]["judge"]
     assert judge["fs_adapter"] != fig["fs_adapter"] and (demo_out / "judge" / "config.json").is_file()
@@ -53,31 +52,22 @@ def test_quick_demo_writes_figures_grid_shards_and_export(demo_out, capsys):
     for name, f in (("encoder", fig), ("judge", judge)):
         c = fig["ceilings"][name]
         assert c["generation_resolution"] == pytest.approx(f["fs_same_identity"])
-        assert -1 <= c["full_resolution"] <= 1 and "vae_reconstruction" not in c
+        assert -1 <= c["full_resolution"] <= 1 and -1 <= c["vae_reconstruction"] <= 1
     from idforge.launch.demo import format_table
 
     table = format_table(fig)
-    assert "judge" in table and "top-1" in table and "codec ceiling" not in table
+    assert "judge" in table and "top-1" in table and "codec ceiling" in table
     assert f"{fig['judges']['judge']['fs_adapter']:+8.3f}" in table
 
 
-@pytest.fixture(scope="module")
-def vae_demo_out(tmp_path_factory, demo_cache):
-    out = tmp_path_factory.mktemp("vae_demo")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("IDFORGE_CACHE", str(demo_cache))
-        assert main(["demo", "--quick", "--codec", "vae", "--out", str(out)]) == 0
-    return out
-
-
-def test_quick_demo_on_a_trained_vae_diffuses_in_its_latents(vae_demo_out, demo_cache):
-    fig = json.loads((vae_demo_out / "demo.json").read_text())
-    assert fig["config"]["codec"] == "vae" and fig["resolution"] == 32
+def test_quick_demo_diffuses_in_the_latents_of_the_vae_it_trains(demo_out, demo_cache):
+    fig = json.loads((demo_out / "demo.json").read_text())
+    assert fig["resolution"] == 32
     # the generator diffuses in the trained VAE's latents, and the export carries that VAE
-    vae = json.loads((vae_demo_out / "export" / "vae" / "config.json").read_text())
+    vae = json.loads((demo_out / "export" / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] == pytest.approx(fig["vae"]["scaling_factor"])
     assert len(vae["block_out_channels"]) == 3  # 4x downsampling
-    unet = json.loads((vae_demo_out / "export" / "unet" / "config.json").read_text())
+    unet = json.loads((demo_out / "export" / "unet" / "config.json").read_text())
     assert unet["in_channels"] == 4 and unet["sample_size"] == 8
     assert not fig["vae"]["cached"] and Path(fig["vae"]["folder"]).is_relative_to(demo_cache)
     for name in ("encoder", "judge"):
@@ -85,15 +75,15 @@ def test_quick_demo_on_a_trained_vae_diffuses_in_its_latents(vae_demo_out, demo_
 
 
 def test_quick_demo_with_the_referencenet_generator_scores_one_and_several_references(
-    tmp_path, capsys, vae_demo_out, demo_cache, monkeypatch
+    tmp_path, capsys, demo_out, demo_cache, monkeypatch
 ):
     monkeypatch.setenv("IDFORGE_CACHE", str(demo_cache))
-    args = ["demo", "--quick", "--generator", "referencenet", "--codec", "vae", "--out", str(tmp_path)]
+    args = ["demo", "--quick", "--generator", "referencenet", "--out", str(tmp_path)]
     assert main(args) == 0
     fig = json.loads((tmp_path / "demo.json").read_text())
-    # same data and VAE settings as the latent demo before: its VAE comes from the cache, byte for byte
+    # same data and VAE settings as the demo before: its VAE comes from the cache, byte for byte
     assert fig["vae"]["cached"]
-    first = (vae_demo_out / "export" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    first = (demo_out / "export" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (tmp_path / "export" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == first
     assert set(fig["by_refs"]) == {"1", "2"}  # FlashFace Table 3: one vs several references
     for n, f in fig["by_refs"].items():

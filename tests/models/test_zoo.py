@@ -88,17 +88,6 @@ def test_a_three_level_vae_zoo_diffuses_on_4x_smaller_latents(tmp_path):
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
 
 
-def test_pixel_codec_zoo(tmp_path):
-    spec = zoo.build_tiny(
-        tmp_path / "px", zoo.TinyConfig(codec="pixel", unet_channels=(16, 32), unet_attention=(False, True))
-    )
-    assert spec.vae == zoo.PIXEL
-    unet = zoo.load_unet(spec)
-    assert unet.config.in_channels == 3
-    assert not (tmp_path / "px" / "vae").exists()
-    assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D", "CrossAttnDownBlock2D"]
-
-
 def test_resolve_tiny_builds_once(tmp_path):
     spec = zoo.resolve(zoo.ZooSpec(base=f"tiny:{tmp_path / 'z'}"))
     assert (tmp_path / "z" / "zoo_spec.json").is_file()
@@ -111,8 +100,8 @@ def test_resolve_tiny_builds_once(tmp_path):
 def test_bad_specs_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny zoo"):
         zoo.resolve(zoo.ZooSpec(base="tiny-huge"))
-    with pytest.raises(ValueError, match="codec"):
-        zoo.TinyConfig(codec="jpeg")
+    with pytest.raises(ValueError, match="use 'tiny' or 'tiny:/folder'"):
+        zoo.resolve(zoo.ZooSpec(base="tiny-pixel"))  # pixel-space diffusion is gone
     with pytest.raises(ValueError, match="vae_channels"):
         zoo.TinyConfig(vae_channels=(8,))
     with pytest.raises(ValueError, match="not divisible"):
@@ -140,8 +129,6 @@ def test_tiny_builders_follow_the_config_and_the_seed():
     assert [type(b).__name__ for b in unet.down_blocks] == ["CrossAttnDownBlock2D", "DownBlock2D"]
     four = zoo.tiny_unet(zoo.TinyConfig(resolution=32, vae_channels=(8, 16, 16), unet_channels=(16, 32)))
     assert (four.config.sample_size, four.config.in_channels) == (8, 4)  # 4x downsampling
-    pixel = zoo.tiny_unet(zoo.TinyConfig(resolution=16, codec="pixel", unet_channels=(16, 32)))
-    assert (pixel.config.sample_size, pixel.config.in_channels) == (16, 3)
     assert tuple(zoo.tiny_vae(cfg).config.block_out_channels) == (8, 16)
 
     face = zoo.tiny_face_encoder(zoo.TinyConfig(face_widths=(4, 8, 8, 8)), seed=0)
