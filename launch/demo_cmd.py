@@ -22,8 +22,8 @@ def demo(
         out: output folder (figures, image grid, shards, exported model).
         quick: the same stages at toy sizes (well under a minute).
         long: train the generator 3000 steps (EMA 0.995) instead of 500 and sample at identity
-            guidance 1.5: the identity figures the default budget cannot reach (judge gap 0.301, top-1
-            60 % on seed 0; its generator stage alone took 35 minutes on 2 shared CPU cores;
+            guidance 1.5: the identity figures the default budget cannot reach (judge gap 0.310, top-1
+            37.5 % on seed 0; its generator stage took 35 minutes on one thread of a shared CPU;
             BENCHMARKS.md).
         steps: generator training steps (default 500; quick: 4).
         seed: seed of every stage (default 0).
