@@ -24,8 +24,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,36 +34,18 @@ def main() -> None:
     args = ap.parse_args()
 
     from demo_generator import parse_set  # this folder is on sys.path when run as a script
-    from idforge.data_pipeline.synthid import SynthID, SynthIDConfig
+    from idforge.data_pipeline.synthid import SynthID
     from idforge.launch.demo import DemoConfig
-    from idforge.launch.demo_models import aligned_crops
-    from idforge.models.zoo import TinyConfig, tiny_vae
+    from idforge.launch.demo_models import untrained_vae, vae_training_images
     from idforge.train.vae import fit_vae
 
     cfg = DemoConfig()
     channels = tuple(args.channels or cfg.vae_channels)
     train_cfg = replace(cfg.vae_train, **parse_set(args.set))
-    synth = SynthID(
-        SynthIDConfig(
-            num_identities=cfg.num_identities,
-            images_per_identity=cfg.images_per_identity,
-            resolution=cfg.render_resolution,
-            heldout_identities=cfg.heldout_identities,
-            seed=cfg.seed,
-        )
-    )
+    synth = SynthID(cfg.synthid_config())
     renders = {(s.identity, int(s.key.rsplit("_", 1)[1])): s for s in synth.samples()}
-    crops, _ = aligned_crops(renders, set(synth.train_ids), cfg.resolution, cfg.crop_scale)
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    vae = tiny_vae(
-        TinyConfig(
-            resolution=cfg.resolution,
-            vae_channels=channels,
-            vae_attention=False,
-            vae_norm_groups=cfg.vae_norm_groups,
-        ),
-        seed=cfg.seed,
-    )
+    images = vae_training_images(cfg, renders, synth.train_ids)
+    vae = untrained_vae(cfg, channels)
     t0 = time.perf_counter()
     fig = fit_vae(vae, images, train_cfg)
     fig["seconds"] = round(time.perf_counter() - t0, 1)

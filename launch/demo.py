@@ -2,8 +2,9 @@
 
 render SynthID -> train a face encoder (IResNet + ArcFace margin head) on the train identities ->
 curate into webdataset shards (align with the provided landmarks, embed, shards + manifest) -> train
-(or load from the cache) the VAE -> train the tiny identity-conditioned generator (the identity adapter; ``decoupled`` variant by default,
-the paper's ``final`` with ``--adapter_variant final``) with Lightning -> export -> generate for
+(or load from the cache) the VAE -> train the tiny identity-conditioned generator (the identity
+adapter; ``decoupled`` variant by default, the paper's ``final`` with ``--adapter_variant final``)
+with Lightning -> export -> generate for
 held-out identities from one reference photo each -> FS table, image grid, JSON.
 
 The face encoder is trained before curation because curation embeds with it (as a real run embeds
@@ -99,6 +100,18 @@ class DemoConfig:
         }
     )
 
+    def synthid_config(self):
+        """The SynthID this demo renders (people, photos, render resolution, seed)."""
+        from idforge.data_pipeline.synthid import SynthIDConfig
+
+        return SynthIDConfig(
+            num_identities=self.num_identities,
+            images_per_identity=self.images_per_identity,
+            resolution=self.render_resolution,
+            heldout_identities=self.heldout_identities,
+            seed=self.seed,
+        )
+
     @classmethod
     def quick(cls) -> DemoConfig:
         """A shorter run for tests: the same stages, small sizes."""
@@ -140,7 +153,7 @@ class _Clock:
 def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> dict:
     """Run every stage into ``out``; returns the figures written to ``out/demo.json``."""
     from idforge.data_pipeline.align import template_for
-    from idforge.data_pipeline.synthid import SynthID, SynthIDConfig, write_synthid_folder
+    from idforge.data_pipeline.synthid import SynthID, write_synthid_folder
     from idforge.eval.benchmark import benchmark_steps, identity_benchmark
     from idforge.inference.export import export_generator, load_pipeline
     from idforge.models.zoo import build_tiny
@@ -155,13 +168,7 @@ def run_demo(out: str | Path, cfg: DemoConfig | None = None, report=print) -> di
     torch.manual_seed(cfg.seed)
     clock = _Clock(report)
 
-    synth_cfg = SynthIDConfig(
-        num_identities=cfg.num_identities,
-        images_per_identity=cfg.images_per_identity,
-        resolution=cfg.render_resolution,
-        heldout_identities=cfg.heldout_identities,
-        seed=cfg.seed,
-    )
+    synth_cfg = cfg.synthid_config()
     synth = SynthID(synth_cfg)
     write_synthid_folder(synth_cfg, out / "synthid")
     clock.done(

@@ -97,11 +97,31 @@ def demo_vae_cache(cfg, synth_cfg) -> Path:
     return root / "demo-vae" / _vae_key(cfg, synth_cfg)
 
 
+def vae_training_images(cfg, renders: dict, train_ids) -> torch.Tensor:
+    """The training photos aligned as curation aligns them, (N, 3, resolution, resolution) in [-1, 1]."""
+    crops, _ = aligned_crops(renders, set(train_ids), cfg.resolution, cfg.crop_scale)
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def untrained_vae(cfg, channels: tuple[int, ...] | None = None):
+    """The demo's ``AutoencoderKL`` with random weights (``cfg.vae_channels`` unless ``channels``)."""
+    from idforge.models.zoo import TinyConfig, tiny_vae
+
+    return tiny_vae(
+        TinyConfig(
+            resolution=cfg.resolution,
+            vae_channels=tuple(channels or cfg.vae_channels),
+            vae_attention=False,
+            vae_norm_groups=cfg.vae_norm_groups,
+        ),
+        seed=cfg.seed,
+    )
+
+
 def demo_vae(cfg, synth_cfg, renders: dict, train_ids, progress=None) -> tuple[object, dict]:
     """The demo's trained ``AutoencoderKL`` and {"cached": bool, "folder", "recon_l1", "scaling_factor",
     "loss"}; trains and caches it when the cache has none for these settings."""
     from diffusers import AutoencoderKL
-    from idforge.models.zoo import TinyConfig, tiny_vae
     from idforge.train.vae import fit_vae
 
     folder = demo_vae_cache(cfg, synth_cfg)
@@ -109,18 +129,8 @@ def demo_vae(cfg, synth_cfg, renders: dict, train_ids, progress=None) -> tuple[o
     if info_file.is_file() and (folder / "config.json").is_file():
         vae = AutoencoderKL.from_pretrained(folder)
         return vae.eval().requires_grad_(False), {**json.loads(info_file.read_text()), "cached": True}
-    crops, _ = aligned_crops(renders, set(train_ids), cfg.resolution, cfg.crop_scale)
-    images = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    vae = tiny_vae(
-        TinyConfig(
-            resolution=cfg.resolution,
-            vae_channels=tuple(cfg.vae_channels),
-            vae_attention=False,
-            vae_norm_groups=cfg.vae_norm_groups,
-        ),
-        seed=cfg.seed,
-    )
-    fig = fit_vae(vae, images, cfg.vae_train, progress=progress)
+    vae = untrained_vae(cfg)
+    fig = fit_vae(vae, vae_training_images(cfg, renders, train_ids), cfg.vae_train, progress=progress)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     vae.save_pretrained(tmp)
     (tmp / "training.json").write_text(json.dumps({**fig, "folder": str(folder)}, indent=2))
@@ -134,4 +144,11 @@ def demo_vae(cfg, synth_cfg, renders: dict, train_ids, progress=None) -> tuple[o
     return vae, {**fig, "folder": str(folder), "cached": False}
 
 
-__all__ = ["aligned_crops", "demo_vae", "demo_vae_cache", "train_face_encoders"]
+__all__ = [
+    "aligned_crops",
+    "demo_vae",
+    "demo_vae_cache",
+    "train_face_encoders",
+    "untrained_vae",
+    "vae_training_images",
+]
